@@ -1,0 +1,75 @@
+"""The ``nstudent`` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Noisy Student pseudo-labeling and dataset curation on Ray.", no_args_is_help=True)
+console = Console()
+
+
+def _progress(started: float):
+    def show(message: str) -> None:
+        console.print(f"[dim]{time.time() - started:6.0f}s[/dim]  {message}")
+
+    return show
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run folder: data, models, datasets, results.json"),
+    generations: int = typer.Option(2, min=1, help="noisy-student generations after the teacher"),
+    seed: int = typer.Option(0, help="seed of training and curation"),
+    teacher_steps: int = typer.Option(400, min=1),
+    student_steps: int = typer.Option(1000, min=1),
+    ray_address: str = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster; default: a new local one"),
+) -> None:
+    """Run the Noisy Student loop on the bundled MNIST digits (local Ray, CPU or GPU)."""
+    from service import cluster, demo as demo_lib
+
+    started = time.time()
+    show = _progress(started)
+    show("starting Ray")
+    cluster.connect(ray_address)
+    rows = demo_lib.run(str(out), generations=generations, seed=seed, teacher_steps=teacher_steps,
+                        student_steps=student_steps, progress=show)
+    table = Table(title=f"Noisy Student on MNIST digits, 100 labels (seed {seed})")
+    for col in ("gen", "role", "architecture", "params", "pseudo-labels kept", "pseudo-label acc", "test acc", "time"):
+        table.add_column(col, justify="right" if col not in ("role", "architecture") else "left")
+    for r in rows:
+        table.add_row(
+            str(r.generation), r.role, r.architecture, f"{r.parameters:,}",
+            "-" if r.pseudo_labels_kept is None else f"{r.pseudo_labels_kept:,}",
+            "-" if r.pseudo_label_accuracy is None else f"{r.pseudo_label_accuracy:.2%}",
+            f"{r.test_accuracy:.2%}", f"{r.seconds:.0f}s",
+        )
+    console.print(table)
+    console.print(f"artifacts: {out.resolve()}  (results.json, gen-*/model, gen-*/dataset/stats.json)")
+    console.print(f"total: {time.time() - started:.0f}s")
+
+
+@app.command()
+def generation(
+    spec: Path = typer.Argument(..., help="JSON file of a GenerationSpec"),
+    generation_id: str = typer.Option("generation", help="id recorded in the outputs"),
+    ray_address: str = typer.Option(None, envvar="RAY_ADDRESS"),
+) -> None:
+    """Run one generation from a spec: the entry point of a Ray job."""
+    from service import cluster, pipeline
+    from service.specs import GenerationSpec
+
+    parsed = GenerationSpec.model_validate_json(spec.read_text())
+    cluster.connect(ray_address)
+    result = pipeline.run_generation(parsed, generation_id, progress=_progress(time.time()))
+    console.print_json(json.dumps({"model": result.student.model_uri, "metrics": result.student.metrics,
+                                   "dataset": result.dataset.manifest_uri}))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,73 @@
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation import schema, sources
+from tests.helpers import BAD_FILES, untrained_model, write_pool
+from workers.labeling import LabelConfig, label, read_and_decode
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    uri = str(tmp_path_factory.mktemp("teacher") / "model")
+    untrained_model(uri)
+    return uri
+
+
+def test_decode_reasons_without_ray(tmp_path):
+    good, bad = write_pool(str(tmp_path), good=4)
+    uris = good + list(bad) + [str(tmp_path / "does-not-exist.png")]
+    out = read_and_decode({"image_id": np.arange(len(uris)), "uri": np.array(uris, dtype=object)}, size=32, crop_pct=1.0)
+    assert out["pixels"].shape == (len(uris), 32, 32, 3)
+    assert out["reason"].tolist() == [""] * 4 + list(bad.values()) + ["missing"]
+    assert all(d for d in out["detail"][4:])
+    assert out["pixels"][:4].any(axis=(1, 2, 3)).all()
+
+
+def test_five_percent_bad_files_are_all_rejected_with_reasons(ray_cluster, tmp_path, teacher):
+    good, bad = write_pool(str(tmp_path / "pool"), good=95)
+    assert len(bad) / (len(good) + len(bad)) == 0.05
+    result = label(str(tmp_path / "pool"), teacher, str(tmp_path / "labels"), LabelConfig(top_k=3, batch_size=16),
+                   teacher_id="gen-0")
+
+    preds = pq.read_table(result.predictions_uri)
+    rejects = pq.read_table(result.rejects_uri)
+    assert preds.schema.equals(schema.PREDICTIONS)
+    assert rejects.schema.equals(schema.REJECTS)
+    assert sorted(preds.column("uri").to_pylist()) == sorted(good)
+    assert dict(zip(rejects.column("uri").to_pylist(), rejects.column("reason").to_pylist())) == bad
+    assert all(rejects.column("detail").to_pylist())
+    assert result.images == 100 and result.predicted == 95
+    expected_reasons = {}
+    for reason in bad.values():
+        expected_reasons[reason] = expected_reasons.get(reason, 0) + 1
+    assert result.rejected == expected_reasons
+
+    # ids are the stable hash of the URI; soft labels are a proper top-k
+    assert preds.column("image_id").to_pylist() == [sources.image_id(u) for u in preds.column("uri").to_pylist()]
+    probs = np.stack(preds.column("topk_probs").to_numpy(zero_copy_only=False)).astype(np.float32)
+    classes = np.stack(preds.column("topk_classes").to_numpy(zero_copy_only=False))
+    assert probs.shape == (95, 3) and (np.diff(probs, axis=1) <= 1e-3).all()
+    assert (probs.sum(axis=1) <= 1.0 + 1e-2).all()
+    assert (classes[:, 0] == preds.column("label").to_numpy()).all()
+    assert np.allclose(probs[:, 0], preds.column("confidence").to_numpy(), atol=1e-3)
+    assert set(preds.column("teacher").to_pylist()) == {"gen-0"}
+
+
+def test_manifest_source_counts_missing_objects(ray_cluster, tmp_path, teacher):
+    good, _ = write_pool(str(tmp_path / "pool"), good=10)
+    missing = [str(tmp_path / "pool" / f"gone{i}.png") for i in range(3)]
+    manifest = str(tmp_path / "pool.parquet")
+    pq.write_table(pa.table({"uri": good + missing}), manifest)
+    result = label(manifest, teacher, str(tmp_path / "labels"))
+    assert result.predicted == 10 and result.rejected == {"missing": 3}
+    rejects = pq.read_table(result.rejects_uri)
+    assert sorted(rejects.column("uri").to_pylist()) == sorted(missing)
+    assert os.path.exists(os.path.join(tmp_path, "labels", "labeling.json"))
+
+
+def test_bad_files_cover_every_reason():
+    assert {r for _, r in BAD_FILES.values()} == {"empty", "not_an_image", "corrupt"}

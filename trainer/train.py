@@ -1,0 +1,215 @@
+"""The student (and generation-0 teacher) training job: a Ray Train TorchTrainer.
+
+Each step's batch holds ``batch_size`` labeled images and ``unlabeled_ratio`` times as many pseudo-labeled
+ones, all noised (RandAugment in the data tasks, dropout and stochastic depth in the model). The loss is
+cross-entropy against soft targets (the teacher's top-k softmax) or smoothed hard labels. An EMA of the
+weights is kept, evaluated on the held-out split and saved as the model folder, ready to be the next teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel
+from ray.train.torch import TorchTrainer
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from service import storage
+from trainer import data, models
+from trainer.config import TrainConfig
+from trainer.models import ModelMeta
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class TrainResult(BaseModel):
+    model_uri: str
+    metrics: dict[str, float]
+    parameters: int
+    seconds: float
+
+
+def _train_loop(cfg: dict[str, Any]) -> None:
+    config = TrainConfig.model_validate(cfg["config"])
+    meta = ModelMeta.model_validate(cfg["meta"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+    torch.manual_seed(config.seed + rank)
+
+    model = models.create(meta, drop_rate=config.noise.dropout, drop_path_rate=config.noise.drop_path)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
+    optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=config.steps, warmup_t=config.warmup_steps, warmup_lr_init=config.lr / 100,
+        lr_min=config.lr / 100, t_in_epochs=False,
+    )
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        log.info("resumed at step %d", step)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    loss_fn = SoftTargetCrossEntropy()
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def batches(name: str, batch_size: int):
+        shard = ray.train.get_dataset_shard(name)
+        return shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=config.shuffle_buffer or None,
+            device=device,
+        )
+
+    labeled = batches("labeled", config.batch_size)
+    pseudo = batches("pseudo", config.unlabeled_batch_size) if cfg["has_pseudo"] else None
+    started, seen, loss_sum = time.time(), 0, 0.0
+    model.train()
+    for parts in zip(labeled, pseudo) if pseudo is not None else ((b,) for b in labeled):
+        if step >= config.steps:
+            break
+        pixels = torch.cat([p["pixels"] for p in parts])
+        target = torch.cat([p["target"] for p in parts])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model(models.normalize(pixels, meta)), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        scheduler.step_update(step)
+        ema.update(model, step=step)
+        seen += len(pixels)
+        loss_sum += loss.item()
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            metrics = {"step": step, "loss": loss_sum / config.checkpoint_every,
+                       "images_per_second": seen * world / (time.time() - started)}
+            loss_sum = 0.0
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    torch.save(
+                        {"model": _unwrap(model).state_dict(), "ema": ema.module.state_dict(),
+                         "optimizer": optimizer.state_dict(), "step": step},
+                        os.path.join(d, CHECKPOINT_FILE),
+                    )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    if step < config.steps:
+        raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
+
+    metrics = _evaluate(ema.module, meta, device, world)
+    metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
+    if rank == 0:
+        models.save(ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
+    ray.train.report({"step": step, **metrics})
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.inference_mode()
+def _evaluate(model: torch.nn.Module, meta: ModelMeta, device: torch.device, world: int) -> dict[str, float]:
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    shard = ray.train.get_dataset_shard("eval")
+    for batch in shard.iter_torch_batches(batch_size=256, device=device):
+        pred = model(models.normalize(batch["pixels"], meta)).argmax(dim=1)
+        counts[0] += (pred == batch["label"]).sum()
+        counts[1] += len(pred)
+    if world > 1:
+        dist.all_reduce(counts)
+    return {"test_accuracy": float(counts[0] / max(counts[1], 1)), "test_images": float(counts[1])}
+
+
+def train(
+    config: TrainConfig,
+    *,
+    labeled: pa.Table,
+    class_names: list[str],
+    eval_set: pa.Table,
+    model_uri: str,
+    storage_path: str,
+    run_name: str,
+    pseudo_manifest_uri: str | None = None,
+    pseudo_rows: int = 0,
+    code_version: str = "",
+) -> TrainResult:
+    """Fit a model on ``labeled`` (+ the curated manifest at ``pseudo_manifest_uri`` whose rows with copies
+    number ``pseudo_rows``), evaluate it on ``eval_set`` and save it to ``model_uri``.
+
+    Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint.
+    """
+    models.check_architecture(config.architecture)
+    num_classes = len(class_names)
+    meta = ModelMeta(
+        architecture=config.architecture,
+        model_kwargs=config.model_kwargs,
+        class_names=class_names,
+        input_size=config.input_size,
+        crop_pct=config.crop_pct,
+        mean=config.mean,
+        std=config.std,
+        config=config.model_dump(mode="json"),
+        code_version=code_version,
+    )
+    meta.parameters = models.count_parameters(models.create(meta))
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    per_step = config.steps * config.workers
+    datasets = {
+        "labeled": data.stream(
+            ray.data.from_arrow(labeled.select(["uri", "label"])), labeled.num_rows,
+            per_step * config.batch_size, config, num_classes, seed=config.seed,
+        ),
+        "eval": data.evaluation(ray.data.from_arrow(eval_set.select(["uri", "label"])), config, num_classes),
+    }
+    if pseudo_manifest_uri is not None:
+        manifest = data.read_manifest(pseudo_manifest_uri, ["uri", "label", "topk_classes", "topk_probs", "copies"])
+        datasets["pseudo"] = data.stream(
+            manifest, pseudo_rows, per_step * config.unlabeled_batch_size, config, num_classes, seed=config.seed + 1
+        )
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "meta": meta.model_dump(mode="json"),
+            "model_uri": model_uri,
+            "has_pseudo": pseudo_manifest_uri is not None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers, use_gpu=use_gpu,
+            resources_per_worker=None if use_gpu else {"CPU": config.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    started = time.time()
+    trainer.fit()
+    # The model folder is the record of what was trained: read the metrics back from it.
+    saved = models.load_meta(model_uri)
+    return TrainResult(
+        model_uri=model_uri, metrics=saved.metrics, parameters=meta.parameters, seconds=time.time() - started
+    )
