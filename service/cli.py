@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="Noisy Student pseudo-labeling and dataset curation on Ray.", no_args_is_help=True)
-console = Console()
+# Wide enough for the results table when the output is a file or a CI log.
+console = Console(width=None if Console().is_terminal else 120)
 
 
 def _progress(started: float):

@@ -25,7 +25,9 @@ from workers.labeling import LabelConfig
 # Digits are 28 px grey strokes on black: 32 px inputs, normalised with the digits' own statistics.
 _IMAGE = dict(input_size=32, mean=(0.13, 0.13, 0.13), std=(0.31, 0.31, 0.31))
 ARCHITECTURE = "test_resnet"  # timm's 0.37M-parameter ResNet: fast enough for 2 CPU cores
-NOISE = NoiseConfig(randaugment_ops=2, randaugment_magnitude=9, randaugment_magnitude_std=0.5, dropout=0.3, drop_path=0.2)
+# Geometric ops fill with black, the digits' background.
+NOISE = NoiseConfig(randaugment_ops=2, randaugment_magnitude=9, randaugment_magnitude_std=0.5, fill=(0, 0, 0),
+                    dropout=0.3, drop_path=0.2)
 
 
 def teacher_config(seed: int, steps: int = 400) -> TrainConfig:

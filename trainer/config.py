@@ -11,6 +11,9 @@ class NoiseConfig(BaseModel):
     randaugment_ops: int = Field(2, ge=0, description="RandAugment ops per image (0 turns it off)")
     randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (timm scale, 10 = strong)")
     randaugment_magnitude_std: float = Field(0.5, ge=0, description="per-op jitter of the magnitude")
+    fill: tuple[int, int, int] | None = Field(
+        None, description="RGB fill of pixels that geometric ops move in from outside the image; default: the mean"
+    )
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout before the classifier")
     drop_path: float = Field(0.2, ge=0, lt=1, description="stochastic depth drop rate at the last block, linear decay")
 

@@ -15,11 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def randaugment(noise: NoiseConfig, mean: tuple[float, float, float]):
-    """timm's RandAugment, or None when it is off. Pixels moved in from outside the image take the mean colour."""
+    """timm's RandAugment, or None when it is off."""
     if noise.randaugment_ops == 0:
         return None
     spec = f"rand-m{noise.randaugment_magnitude}-n{noise.randaugment_ops}-mstd{noise.randaugment_magnitude_std}"
-    return rand_augment_transform(spec, {"img_mean": tuple(int(round(255 * m)) for m in mean)})
+    fill = noise.fill if noise.fill is not None else tuple(int(round(255 * m)) for m in mean)
+    return rand_augment_transform(spec, {"img_mean": fill})
 
 
 def load_pixels(

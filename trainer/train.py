@@ -71,6 +71,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         log.info("resumed at step %d", step)
+    resumed_from = step
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     loss_fn = SoftTargetCrossEntropy()
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -118,6 +119,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
 
     metrics = _evaluate(ema.module, meta, device, world)
     metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
+    metrics["resumed_from_step"] = float(resumed_from)
     if rank == 0:
         models.save(ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
     ray.train.report({"step": step, **metrics})

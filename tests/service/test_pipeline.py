@@ -1,0 +1,78 @@
+"""A whole generation on real digits, small: teacher -> labels -> curation -> student -> next teacher."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation import sources
+from service import digits, pipeline
+from service.specs import GenerationSpec
+from trainer import models
+from trainer.config import TrainConfig
+from trainer.models import ModelMeta
+
+
+def small(steps: int, **kw) -> TrainConfig:
+    return TrainConfig(architecture="test_resnet", input_size=32, mean=(0.13,) * 3, std=(0.31,) * 3, steps=steps,
+                       batch_size=16, unlabeled_ratio=2, warmup_steps=2, checkpoint_every=10, **kw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return digits.write(str(tmp_path_factory.mktemp("digits")), labeled_per_class=5, test_per_class=20)
+
+
+def test_demo_splits_are_disjoint_and_sized(data):
+    labeled, names = sources.labeled_source(data["labeled"])
+    test, _ = sources.labeled_source(data["test"], names)
+    pool = sources.unlabeled_manifest(data["unlabeled"])
+    assert names == [str(d) for d in range(10)]
+    assert labeled.num_rows == 50 and test.num_rows == 200 and pool.num_rows == 5000 - 250
+    files = lambda t: {os.path.basename(u) for u in t.column("uri").to_pylist()}
+    assert not files(labeled) & files(test) and not files(pool) & (files(labeled) | files(test))
+    assert pq.read_table(data["unlabeled_truth"]).num_rows == pool.num_rows
+
+
+def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tmp_path):
+    teacher = pipeline.train_teacher(small(30), labeled=data["labeled"], eval=data["test"], output=str(tmp_path / "g0"))
+    meta = models.load_meta(teacher.model_uri)
+    assert meta.architecture == "test_resnet" and meta.class_names == [str(d) for d in range(10)]
+    assert meta.metrics["test_images"] == 200 and 0.0 <= meta.metrics["test_accuracy"] <= 1.0
+    assert meta.config["steps"] == 30
+
+    spec = GenerationSpec(teacher=teacher.model_uri, labeled=data["labeled"], unlabeled=data["unlabeled"],
+                          eval=data["test"], output=str(tmp_path / "g1"), student=small(20))
+    spec.curation.confidence_floor = 0.0  # a 30-step teacher is not confident; keep every label
+    result = pipeline.run_generation(spec, "g1")
+    assert result.labeling.predicted == 4750 and result.labeling.rejected == {}
+    assert result.dataset.images_seen == 4750 and result.dataset.manifest_rows > 0
+    assert result.student.metrics["test_images"] == 200
+    assert set(result.timings) == {"labeling", "curation", "student"}
+    record = json.loads((tmp_path / "g1" / "generation.json").read_text())
+    assert record["student"]["model_uri"] == str(tmp_path / "g1" / "model")
+
+    # the student's folder alone is enough to be the next teacher
+    model, next_meta = models.load(result.student.model_uri)
+    assert isinstance(next_meta, ModelMeta) and not model.training
+    spec2 = spec.model_copy(update={"teacher": result.student.model_uri, "output": str(tmp_path / "g2"),
+                                    "student": small(10)})
+    result2 = pipeline.run_generation(spec2, "g2")
+    assert result2.teacher_uri == result.student.model_uri
+    preds = pq.read_table(result2.labeling.predictions_uri, columns=["teacher"])
+    assert set(preds.column("teacher").to_pylist()) == {result.student.model_uri}
+
+
+def test_unknown_architecture_fails_before_any_job(ray_cluster, data, tmp_path):
+    with pytest.raises(ValueError, match="unknown architecture 'resnet_nope'"):
+        pipeline.train_teacher(small(5, architecture="resnet_nope"), labeled=data["labeled"], eval=data["test"],
+                               output=str(tmp_path))
+
+
+def test_training_resumes_from_its_last_checkpoint(ray_cluster, data, tmp_path):
+    """Re-running with the same run name and storage continues from the last checkpoint."""
+    first = pipeline.train_teacher(small(10), labeled=data["labeled"], eval=data["test"], output=str(tmp_path))
+    assert first.metrics["resumed_from_step"] == 0
+    again = pipeline.train_teacher(small(20), labeled=data["labeled"], eval=data["test"], output=str(tmp_path))
+    assert again.metrics["resumed_from_step"] == 10

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import noise
+from trainer.config import NoiseConfig, TrainConfig
+
+
+def test_hard_targets_are_smoothed_one_hot():
+    t = noise.hard_targets(np.array([2, 0]), 4, 0.1)
+    assert t.shape == (2, 4)
+    assert np.allclose(t.sum(axis=1), 1.0)
+    assert t[0, 2] == pytest.approx(0.925) and t[0, 0] == pytest.approx(0.025)
+
+
+def test_soft_targets_renormalise_and_sharpen():
+    classes = np.array([[3, 1], [0, 2]])
+    probs = np.array([[0.6, 0.2], [0.5, 0.5]], dtype=np.float16)
+    t1 = noise.soft_targets(classes, probs, 4, temperature=1.0)
+    assert np.allclose(t1.sum(axis=1), 1.0)
+    assert t1[0, 3] == pytest.approx(0.75, abs=1e-3) and t1[0, 1] == pytest.approx(0.25, abs=1e-3)
+    assert t1[0, 0] == 0 and t1[0, 2] == 0
+    sharp = noise.soft_targets(classes, probs, 4, temperature=0.5)
+    assert sharp[0, 3] == pytest.approx(0.9, abs=1e-3)  # 0.36 / (0.36 + 0.04)
+    assert np.allclose(sharp[1, [0, 2]], 0.5)
+
+
+def test_randaugment_changes_images_and_can_be_turned_off():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    aug = noise.randaugment(NoiseConfig(randaugment_ops=2, randaugment_magnitude=9), (0.5, 0.5, 0.5))
+    outs = [np.asarray(aug(img)) for _ in range(20)]
+    assert all(o.shape == (32, 32, 3) for o in outs)
+    assert any(not np.array_equal(o, np.asarray(img)) for o in outs)
+    assert noise.randaugment(NoiseConfig(randaugment_ops=0), (0.5, 0.5, 0.5)) is None
+
+
+def test_unlabeled_batch_size_follows_ratio():
+    assert TrainConfig(batch_size=16, unlabeled_ratio=3).unlabeled_batch_size == 48
+    with pytest.raises(ValueError):
+        NoiseConfig(dropout=1.0)
