@@ -25,7 +25,7 @@ def _progress(started: float):
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run folder: data, models, datasets, results.json"),
-    generations: int = typer.Option(2, min=1, help="noisy-student generations after the teacher"),
+    generations: int = typer.Option(3, min=1, help="noisy-student generations after the teacher"),
     seed: int = typer.Option(0, help="seed of training and curation"),
     teacher_steps: int = typer.Option(400, min=1),
     student_steps: int = typer.Option(1000, min=1),

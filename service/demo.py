@@ -65,7 +65,7 @@ def pseudo_label_accuracy(manifest_uri: str, truth_uri: str) -> float:
 def run(
     out: str,
     *,
-    generations: int = 2,
+    generations: int = 3,
     seed: int = 0,
     teacher_steps: int = 400,
     student_steps: int = 1000,

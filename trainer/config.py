@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class NoiseConfig(BaseModel):
@@ -45,6 +45,14 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
     seed: int = 0
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, name: str) -> str:
+        from trainer.models import check_architecture  # imports timm: only when a config is validated
+
+        check_architecture(name)
+        return name
 
     @property
     def unlabeled_batch_size(self) -> int:
