@@ -227,6 +227,9 @@ def label(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
         **resources,
     )
+    for part in ("predictions", "rejects"):  # a re-run replaces the outputs, never appends to them
+        fs, path = storage.resolve(storage.join(out_uri, part))
+        fs.delete_dir_contents(path, missing_dir_ok=True)
     sink = LabelsDatasink(out_uri)
     ds.write_datasink(sink)
     counts = getattr(sink, "counts", {})
