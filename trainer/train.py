@@ -161,7 +161,6 @@ def train(
 
     Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint.
     """
-    models.check_architecture(config.architecture)
     num_classes = len(class_names)
     meta = ModelMeta(
         architecture=config.architecture,

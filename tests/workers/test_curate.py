@@ -14,7 +14,6 @@ from workers.curate import curate
 def write_predictions(table: pa.Table, folder: str, files: int) -> None:
     """Predictions in several Parquet files, as the labeling job leaves them."""
     os.makedirs(folder)
-    k = 2
     n = table.num_rows
     full = pa.table({
         "image_id": table.column("image_id"),
@@ -28,7 +27,6 @@ def write_predictions(table: pa.Table, folder: str, files: int) -> None:
     step = -(-n // files)
     for i in range(files):
         pq.write_table(full.slice(i * step, step), os.path.join(folder, f"part-{i}.parquet"))
-    assert k == 2
 
 
 def test_curation_job_matches_the_reference_and_reports_stats(ray_cluster, tmp_path):
