@@ -1,10 +1,22 @@
-"""Connecting to Ray: an existing cluster (RAY_ADDRESS or an explicit address) or a private local one."""
+"""Connecting to Ray: an existing cluster (RAY_ADDRESS or an explicit address) or a private local one; and
+starting a Ray head with its Jobs API for the control plane."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import httpx
 import ray
 
 # Ray Data and Ray Train log every operator and report; the CLI shows its own progress instead.
@@ -38,3 +50,111 @@ def connect(
         ctx.print_on_execution_start = False
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass
+class Head:
+    """A Ray head started by ``start_head``: its addresses, token and the ``ray start --block`` process."""
+
+    gcs_address: str
+    dashboard_url: str
+    token: str
+    pid: int
+    temp_dir: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _head_ready(head: Head, timeout: float = 2.0) -> bool:
+    try:
+        r = httpx.get(f"{head.dashboard_url}/api/version", headers={"Authorization": f"Bearer {head.token}"},
+                      timeout=timeout)
+        return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_head(
+    state_dir: str | Path, *, num_cpus: int | None = None, num_gpus: int | None = None, timeout: float = 180.0
+) -> Head:
+    """A Ray head with its dashboard (Jobs API) and token auth, in its own process group under ``state_dir``.
+
+    The head outlives the process that started it (a crashed control plane finds its jobs still running);
+    a later call with the same ``state_dir`` reuses it. ``stop_head`` ends it and everything it started.
+    """
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    record = state / "head.json"
+    if record.exists():
+        head = Head(**json.loads(record.read_text()))
+        if _alive(head.pid) and _head_ready(head):
+            return head
+        record.unlink()
+    token_file = state / "token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_hex(32))
+        token_file.chmod(0o600)
+    token = token_file.read_text().strip()
+    # Ray's socket paths must stay short (107 bytes): its temp dir lives under /tmp, named after state_dir.
+    temp_dir = f"/tmp/nst-ray-{hashlib.sha1(str(state).encode()).hexdigest()[:10]}"
+    port, dashboard_port = _free_port(), _free_port()
+    args = [
+        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+    ]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        args.append(f"--num-gpus={num_gpus}")
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        # Job entry points (`nstudent job ...`) run from this environment's bin folder.
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    }
+    env.pop("RAY_ADDRESS", None)
+    log_file = open(state / "head.log", "ab")
+    proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", token, proc.pid, temp_dir)
+    deadline = time.time() + timeout
+    while not _head_ready(head):
+        if proc.poll() is not None or time.time() > deadline:
+            stop_head(head)
+            raise RuntimeError(f"the Ray head did not start; see {state / 'head.log'}")
+        time.sleep(1)
+    record.write_text(json.dumps(asdict(head)))
+    return head
+
+
+def stop_head(head: Head, timeout: float = 60.0) -> None:
+    """Stop a head from ``start_head``: SIGTERM to its process group, SIGKILL to what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.waitpid(head.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not _alive(head.pid):
+                return
+            time.sleep(0.5)

@@ -9,15 +9,19 @@ way. Everything a stage writes goes under the generation's output folder:
     <output>/model/             the student's model folder: the next generation's teacher
     <output>/checkpoints/       Ray Train checkpoints (resume by re-running)
     <output>/generation.json    what was done, with timings and metrics
+    <output>/progress.json      the running stage's progress (phase, done of total, step of steps)
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from curation import sources
@@ -53,7 +57,8 @@ class GenerationResult(BaseModel):
 
 
 def train_teacher(
-    config: TrainConfig, *, labeled: str, eval: str, output: str, run_name: str = "teacher"
+    config: TrainConfig, *, labeled: str, eval: str, output: str, run_name: str = "teacher",
+    progress_uri: str | None = None,
 ) -> TrainResult:
     """Generation 0: a supervised model on the labeled source alone, with the same noise as the students."""
     labeled_table, class_names = sources.labeled_source(labeled)
@@ -67,53 +72,65 @@ def train_teacher(
         storage_path=storage.join(output, "checkpoints"),
         run_name=run_name,
         code_version=code_version(),
+        progress_uri=progress_uri,
     )
 
 
-def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress = log.info) -> GenerationResult:
-    timings: dict[str, float] = {}
-    teacher_result = None
-    teacher_uri = spec.teacher
-    if teacher_uri is None:
-        progress(f"{generation_id}: training a teacher on {spec.labeled}")
-        t = time.time()
-        teacher_out = storage.join(spec.output, "teacher")
-        teacher_result = train_teacher(
-            spec.teacher_config or spec.student, labeled=spec.labeled, eval=spec.eval, output=teacher_out
-        )
-        teacher_uri = teacher_result.model_uri
-        timings["teacher"] = time.time() - t
-    teacher_meta = models.load_meta(teacher_uri)
-    labeled_table, class_names = sources.labeled_source(spec.labeled, teacher_meta.class_names)
-    eval_table, _ = sources.labeled_source(spec.eval, class_names)
+def progress_uri(output: str) -> str:
+    """One small JSON file per generation that the running stage rewrites as it goes."""
+    return storage.join(output, "progress.json")
 
+
+def teacher_stage(spec: GenerationSpec) -> TrainResult:
+    """Generation 0 when the spec names no teacher: train one on the labeled source."""
+    return train_teacher(
+        spec.teacher_config or spec.student,
+        labeled=spec.labeled,
+        eval=spec.eval,
+        output=storage.join(spec.output, "teacher"),
+        progress_uri=progress_uri(spec.output),
+    )
+
+
+def teacher_of(spec: GenerationSpec) -> str:
+    return spec.teacher or storage.join(spec.output, "teacher", "model")
+
+
+def label_stage(spec: GenerationSpec, generation_id: str, dataset_id: str, progress: Progress = log.info) -> tuple[LabelResult, DatasetStats]:
+    """Label the unlabeled pool with the teacher, then curate the predictions into a manifest."""
+    teacher_uri = teacher_of(spec)
+    teacher_meta = models.load_meta(teacher_uri)
     progress(f"{generation_id}: labeling {spec.unlabeled} with {teacher_meta.architecture}")
     t = time.time()
     labels_uri = storage.join(spec.output, "labels")
-    labeling = label(spec.unlabeled, teacher_uri, labels_uri, spec.label, teacher_id=teacher_uri)
-    timings["labeling"] = time.time() - t
+    with LabelingProgress(spec.unlabeled, labels_uri, progress_uri(spec.output)):
+        labeling = label(spec.unlabeled, teacher_uri, labels_uri, spec.label, teacher_id=teacher_uri)
     progress(f"{generation_id}: {labeling.predicted} labeled, {sum(labeling.rejected.values())} rejected "
-             f"{labeling.rejected or ''} in {timings['labeling']:.0f}s")
-
+             f"{labeling.rejected or ''} in {time.time() - t:.0f}s")
     t = time.time()
+    storage.write_json(progress_uri(spec.output), {"phase": "curating", "time": time.time()})
     dataset = curate(
         labeling.predictions_uri,
         storage.join(spec.output, "dataset"),
-        class_names,
+        teacher_meta.class_names,
         spec.curation,
-        dataset_id=f"{generation_id}-dataset",
+        dataset_id=dataset_id,
         rejected=labeling.rejected,
         teacher=teacher_uri,
     )
-    timings["curation"] = time.time() - t
     progress(f"{generation_id}: curated {dataset.manifest_rows} images ({dataset.manifest_copies} with copies), "
-             f"K={dataset.images_per_class}, in {timings['curation']:.0f}s")
+             f"K={dataset.images_per_class}, in {time.time() - t:.0f}s")
     if dataset.manifest_rows == 0:
         raise ValueError(f"{generation_id}: no pseudo-label passed the confidence floor {spec.curation.confidence_floor}")
+    return labeling, dataset
 
-    progress(f"{generation_id}: training student {spec.student.architecture} for {spec.student.steps} steps")
-    t = time.time()
-    student = train(
+
+def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
+    """Fit the noisy student on the labeled source plus the curated manifest."""
+    class_names = models.load_meta(teacher_of(spec)).class_names
+    labeled_table, _ = sources.labeled_source(spec.labeled, class_names)
+    eval_table, _ = sources.labeled_source(spec.eval, class_names)
+    return train(
         spec.student,
         labeled=labeled_table,
         class_names=class_names,
@@ -124,11 +141,29 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
         pseudo_manifest_uri=dataset.manifest_uri,
         pseudo_rows=dataset.manifest_copies,
         code_version=code_version(),
+        progress_uri=progress_uri(spec.output),
     )
+
+
+def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress = log.info) -> GenerationResult:
+    """All stages in this process, one after the other (the CLI and the tests)."""
+    timings: dict[str, float] = {}
+    teacher_result = None
+    if spec.teacher is None:
+        progress(f"{generation_id}: training a teacher on {spec.labeled}")
+        t = time.time()
+        teacher_result = teacher_stage(spec)
+        timings["teacher"] = time.time() - t
+    t = time.time()
+    labeling, dataset = label_stage(spec, generation_id, f"{generation_id}-dataset", progress)
+    timings["labeling"] = time.time() - t
+    progress(f"{generation_id}: training student {spec.student.architecture} for {spec.student.steps} steps")
+    t = time.time()
+    student = student_stage(spec, dataset)
     timings["student"] = time.time() - t
     result = GenerationResult(
         generation_id=generation_id,
-        teacher_uri=teacher_uri,
+        teacher_uri=teacher_of(spec),
         teacher_result=teacher_result,
         labeling=labeling,
         dataset=dataset,
@@ -137,3 +172,52 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
     )
     storage.write_json(storage.join(spec.output, "generation.json"), result.model_dump(mode="json"))
     return result
+
+
+class LabelingProgress:
+    """While labeling runs, count the rows already written (Parquet footers) and publish done/total.
+
+    Runs in the job's driver beside Ray Data; files are immutable once written, so each footer is read once.
+    """
+
+    def __init__(self, source_uri: str, labels_uri: str, out_uri: str, every: float = 5.0):
+        self.source_uri, self.labels_uri, self.out_uri, self.every = source_uri, labels_uri, out_uri, every
+        self.rows: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="labeling-progress", daemon=True)
+
+    def __enter__(self) -> LabelingProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    def _total(self) -> int | None:
+        manifest = self.source_uri if sources.is_manifest(self.source_uri) else storage.join(self.labels_uri, "source.parquet")
+        return _parquet_rows(manifest)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                for part in ("predictions", "rejects"):
+                    for uri in storage.list_files(storage.join(self.labels_uri, part), suffix=".parquet"):
+                        if uri not in self.rows:
+                            rows = _parquet_rows(uri)
+                            if rows is not None:
+                                self.rows[uri] = rows
+                storage.write_json(self.out_uri, {"phase": "labeling", "done": sum(self.rows.values()),
+                                                  "total": self._total(), "time": time.time()})
+            except Exception:  # progress is best effort; labeling goes on
+                log.warning("labeling progress failed", exc_info=True)
+
+
+def _parquet_rows(uri: str) -> int | None:
+    """Row count from a Parquet footer; None while the file is missing or still being written."""
+    try:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowInvalid):
+        return None

@@ -114,15 +114,25 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                         os.path.join(d, CHECKPOINT_FILE),
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+            if rank == 0:
+                _write_progress(cfg, phase="training", step=step, steps=config.steps)
     if step < config.steps:
         raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
 
+    if rank == 0:
+        _write_progress(cfg, phase="evaluating", step=step, steps=config.steps)
     metrics = _evaluate(ema.module, meta, device, world)
     metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
     metrics["resumed_from_step"] = float(resumed_from)
     if rank == 0:
         models.save(ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
     ray.train.report({"step": step, **metrics})
+
+
+def _write_progress(cfg: dict[str, Any], **progress: Any) -> None:
+    """A small JSON file beside the checkpoints that the control plane reads to show progress."""
+    if cfg.get("progress_uri"):
+        storage.write_json(cfg["progress_uri"], {**progress, "time": time.time()})
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -155,11 +165,13 @@ def train(
     pseudo_manifest_uri: str | None = None,
     pseudo_rows: int = 0,
     code_version: str = "",
+    progress_uri: str | None = None,
 ) -> TrainResult:
     """Fit a model on ``labeled`` (+ the curated manifest at ``pseudo_manifest_uri`` whose rows with copies
     number ``pseudo_rows``), evaluate it on ``eval_set`` and save it to ``model_uri``.
 
-    Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint.
+    Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint. Progress
+    (phase, step of steps) is written to ``progress_uri`` as the run goes.
     """
     num_classes = len(class_names)
     meta = ModelMeta(
@@ -195,6 +207,7 @@ def train(
             "meta": meta.model_dump(mode="json"),
             "model_uri": model_uri,
             "has_pseudo": pseudo_manifest_uri is not None,
+            "progress_uri": progress_uri,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers, use_gpu=use_gpu,

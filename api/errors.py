@@ -1,0 +1,40 @@
+"""Service errors to HTTP statuses, in one place. No response ever carries a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from service.jobs import RayUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequest)
+    async def invalid(_: Request, e: InvalidRequest) -> JSONResponse:
+        # The same shape as FastAPI's own validation errors, so clients parse one format.
+        detail = [{"loc": ["body", e.field], "msg": e.message, "type": "invalid_source"}]
+        return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, e: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(Conflict)
+    async def conflict(_: Request, e: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(Unavailable)
+    @app.exception_handler(RayUnavailable)
+    async def unavailable(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(e).split("\n", 1)[0]}, status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the details"},
+                            status.HTTP_500_INTERNAL_SERVER_ERROR)

@@ -1,0 +1,88 @@
+"""Generations: start (a chain of) Noisy Student iterations, follow them, cancel them, get their models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Response, status
+
+from api.deps import ControlDep, Reader, Writer
+from api.schemas import (GenerationAccepted, GenerationCreate, GenerationPublic, GenerationsPublic, ModelPublic,
+                         Problem, Progress, Stage, StageTiming)
+from service.control import GENERATION_ID
+from service.store import Generation
+
+router = APIRouter(prefix="/generations", tags=["generations"])
+GenerationId = Annotated[str, Path(pattern=GENERATION_ID, description="g- and 16 hex digits")]
+AUTH = {401: {"model": Problem}, 403: {"model": Problem}}
+
+
+def public(g: Generation) -> GenerationPublic:
+    timings = {}
+    for stage, t in g.timings.items():
+        timing = StageTiming.model_validate(t)
+        if timing.finished:
+            timing.seconds = (timing.finished - timing.started).total_seconds()
+        timings[stage] = timing
+    links = {"self": f"/generations/{g.id}", "cancel": f"/generations/{g.id}/cancel"}
+    if g.dataset_id:
+        links["dataset"] = f"/datasets/{g.dataset_id}"
+    if g.model_uri:
+        links["model"] = f"/generations/{g.id}/model"
+    return GenerationPublic(
+        id=g.id, chain_id=g.chain_id, chain_index=g.chain_index, parent_id=g.parent_id, stage=g.stage,
+        cancel_requested=g.cancel_requested, created_at=g.created_at, updated_at=g.updated_at,
+        finished_at=g.finished_at, spec=g.spec, output=g.output, teacher_uri=g.teacher_uri, model_uri=g.model_uri,
+        dataset_id=g.dataset_id, jobs=g.jobs, progress=Progress.model_validate(g.progress), timings=timings,
+        metrics=g.metrics, error=g.error, links=links,
+    )
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, dependencies=[Writer],
+             responses={**AUTH, 409: {"model": Problem}, 422: {"model": Problem}})
+def create_generation(
+    body: GenerationCreate,
+    control: ControlDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description="repeat-safe submission key")] = None,
+) -> GenerationAccepted:
+    """Start a generation (or `iterations` chained ones); the sources are checked before anything runs."""
+    chain = control.create(body, body.iterations, idempotency_key)
+    first = chain[0]
+    response.headers["Location"] = f"/generations/{first.id}"
+    return GenerationAccepted(id=first.id, chain=[g.id for g in chain],
+                              links={"self": f"/generations/{first.id}", "cancel": f"/generations/{first.id}/cancel"})
+
+
+@router.get("", dependencies=[Reader], responses=AUTH)
+def list_generations(
+    control: ControlDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    stage: Stage | None = None,
+) -> GenerationsPublic:
+    """Generations, newest first."""
+    rows, count = control.page(offset, limit, stage)
+    return GenerationsPublic(data=[public(g) for g in rows], count=count)
+
+
+@router.get("/{generation_id}", dependencies=[Reader], responses={**AUTH, 404: {"model": Problem}})
+def get_generation(generation_id: GenerationId, control: ControlDep) -> GenerationPublic:
+    """A generation: stage, progress, Ray jobs, timings, metrics, dataset and model, or its error."""
+    return public(control.get(generation_id))
+
+
+@router.post("/{generation_id}/cancel", status_code=status.HTTP_202_ACCEPTED, dependencies=[Writer],
+             responses={**AUTH, 404: {"model": Problem}, 409: {"model": Problem}})
+def cancel_generation(generation_id: GenerationId, control: ControlDep) -> GenerationPublic:
+    """Stop a generation's Ray job; generations chained after it are cancelled as well."""
+    return public(control.cancel(generation_id))
+
+
+@router.get("/{generation_id}/model", dependencies=[Reader], responses={**AUTH, 404: {"model": Problem}})
+def get_model(generation_id: GenerationId, control: ControlDep) -> ModelPublic:
+    """The model a generation produced, with its evaluation metrics; its URI can be the next teacher."""
+    g, meta = control.model(generation_id)
+    return ModelPublic(generation_id=g.id, uri=g.model_uri, architecture=meta.architecture,
+                       class_names=meta.class_names, input_size=meta.input_size, parameters=meta.parameters,
+                       metrics=meta.metrics, code_version=meta.code_version)

@@ -1,0 +1,116 @@
+"""What the API reads and returns: one schema family per resource."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from curation.stats import DatasetStats
+from service.specs import GenerationConfig
+
+Stage = Literal["queued", "training_teacher", "labeling", "curating", "training", "evaluating",
+                "succeeded", "failed", "cancelled"]
+
+
+class GenerationCreate(GenerationConfig):
+    """Start a Noisy Student iteration, or a chain of them (each student teaches the next)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(
+        None,
+        description="a previous generation's id (g-...), a model folder URI, or none: train a teacher on the "
+        "labeled data first",
+    )
+    iterations: int = Field(1, ge=1, le=20, description="generations to chain, each taught by the one before")
+
+
+class Progress(BaseModel):
+    phase: str | None = Field(None, description="labeling, curating, training or evaluating")
+    done: int | None = Field(None, description="images labeled (predicted or rejected) so far")
+    total: int | None = Field(None, description="images in the unlabeled source")
+    step: int | None = Field(None, description="training steps done")
+    steps: int | None = Field(None, description="training steps in all")
+
+
+class StageTiming(BaseModel):
+    started: dt.datetime
+    finished: dt.datetime | None = None
+    seconds: float | None = None
+
+
+class GenerationPublic(BaseModel):
+    id: str
+    chain_id: str = Field(description="id of the first generation of the request that made this one")
+    chain_index: int
+    parent_id: str | None = Field(description="the generation whose model teaches this one, if any")
+    stage: Stage
+    cancel_requested: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+    spec: dict[str, Any] = Field(description="the request's sources and settings (teacher resolved to a URI)")
+    output: str = Field(description="folder or s3:// prefix holding this generation's artifacts")
+    teacher_uri: str | None
+    model_uri: str | None = Field(description="the student's model folder once it succeeded")
+    dataset_id: str | None
+    jobs: dict[str, str] = Field(description="Ray job submission ids by kind: teacher, label, train")
+    progress: Progress
+    timings: dict[str, StageTiming] = Field(description="per stage: when it started and finished")
+    metrics: dict[str, float] = Field(description="the student's evaluation: test_accuracy, ...")
+    error: str | None
+    links: dict[str, str]
+
+
+class GenerationsPublic(BaseModel):
+    data: list[GenerationPublic]
+    count: int = Field(description="generations matching, over all pages")
+
+
+class GenerationAccepted(BaseModel):
+    id: str = Field(description="the first generation of the chain")
+    chain: list[str] = Field(description="every generation the request made, in order")
+    links: dict[str, str]
+
+
+class DatasetPublic(DatasetStats):
+    generation_id: str
+    created_at: dt.datetime
+    links: dict[str, str]
+
+
+class ManifestRow(BaseModel):
+    image_id: int
+    uri: str
+    label: int
+    confidence: float
+    copies: int = Field(description="times the student sees the image per pass over the manifest")
+
+
+class ManifestPage(BaseModel):
+    data: list[ManifestRow]
+    count: int = Field(description="rows in the whole manifest")
+    offset: int
+    limit: int
+
+
+class ModelPublic(BaseModel):
+    generation_id: str
+    uri: str = Field(description="model folder: weights (safetensors) and model.json; loadable as a teacher")
+    architecture: str
+    class_names: list[str]
+    input_size: int
+    parameters: int
+    metrics: dict[str, float]
+    code_version: str
+
+
+class Problem(BaseModel):
+    detail: Any = Field(description="what is wrong: a message, or a list of {loc, msg, type} for invalid fields")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    problems: dict[str, str] = Field(default_factory=dict)

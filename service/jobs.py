@@ -1,0 +1,114 @@
+"""Ray jobs through the Jobs API (the dashboard's HTTP server): submit, follow, stop.
+
+Submission ids are chosen by the caller and recorded before submitting, so a restart that submits again
+finds the job already there instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+from dataclasses import dataclass
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+log = logging.getLogger(__name__)
+
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray cluster's Jobs API cannot be reached."""
+
+
+@dataclass
+class JobState:
+    status: str  # PENDING RUNNING SUCCEEDED FAILED STOPPED, or MISSING when the cluster has no such job
+    message: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.status in {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class Jobs:
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0):
+        self.address, self.token, self.timeout = address, token, timeout
+        self._client: JobSubmissionClient | None = None
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+            try:
+                self._client = JobSubmissionClient(self.address, headers=headers)
+            except Exception as e:  # connection refused, DNS, auth: all mean "not reachable now"
+                raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+        return self._client
+
+    def ping(self) -> None:
+        try:
+            self.client.get_version()
+        except RayUnavailable:
+            raise
+        except Exception as e:
+            self._client = None
+            raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+
+    def submit(self, submission_id: str, args: list[str], *, env: dict[str, str] | None = None) -> None:
+        """Start ``nstudent <args>`` as a Ray job unless ``submission_id`` already exists."""
+        entrypoint = shlex.join(["nstudent", *args])
+        try:
+            self.client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env={"env_vars": env} if env else None,
+                metadata={"app": "nstudent"},
+            )
+            log.info("submitted %s: %s", submission_id, entrypoint)
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                log.info("%s was already submitted", submission_id)
+                return
+            raise self._unavailable(e) from e
+        except Exception as e:
+            raise self._unavailable(e) from e
+
+    def state(self, submission_id: str) -> JobState:
+        try:
+            info = self.client.get_job_info(submission_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                return JobState("MISSING")
+            raise self._unavailable(e) from e
+        except Exception as e:
+            raise self._unavailable(e) from e
+        return JobState(str(info.status.value), info.message or "")
+
+    def failure(self, submission_id: str) -> str:
+        """The job's error in one line: the last exception line of its logs, else Ray's message."""
+        try:
+            logs = self.client.get_job_logs(submission_id)
+        except Exception:
+            logs = ""
+        errors = [line.strip() for line in logs.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+        if errors:
+            return errors[-1][:1000]
+        return self.state(submission_id).message[:1000] or "the job failed"
+
+    def stop(self, submission_id: str) -> None:
+        try:
+            self.client.stop_job(submission_id)
+        except RuntimeError as e:
+            if "does not exist" not in str(e):
+                raise self._unavailable(e) from e
+        except Exception as e:
+            raise self._unavailable(e) from e
+
+    def _unavailable(self, e: Exception) -> RayUnavailable:
+        self._client = None  # reconnect next time
+        return RayUnavailable(f"Ray Jobs API at {self.address}: {e}")
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|[\w.]*\.\w+Error): ")

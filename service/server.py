@@ -1,0 +1,41 @@
+"""``nstudent serve``: wire the settings, the Ray cluster, the store and the API together, and run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import uvicorn
+
+from api.app import create_app
+from service import cluster
+from service.control import ControlPlane, api_tokens
+from service.jobs import Jobs
+from service.settings import Settings
+from service.store import Store
+
+
+def run(settings: Settings, log: Callable[[str], None] = print) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    tokens, token_file = api_tokens(settings)
+    if token_file is not None:
+        log(f"no API tokens configured: a read-write token is in {token_file}")
+    head = None
+    if settings.ray_address:
+        token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
+        jobs = Jobs(settings.ray_address, token)
+    else:
+        log(f"starting a local Ray head under {settings.data_dir / 'ray'}")
+        head = cluster.start_head(settings.data_dir / "ray", num_cpus=settings.ray_num_cpus,
+                                  num_gpus=settings.ray_num_gpus)
+        log(f"Ray dashboard and Jobs API at {head.dashboard_url}")
+        jobs = Jobs(head.dashboard_url, head.token)
+    control = ControlPlane(settings, Store(settings.database), jobs, tokens)
+    try:
+        uvicorn.run(create_app(control), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        # A clean stop takes the local head down with it; after a crash the head (and its jobs) keep running and
+        # the next start reuses them.
+        if head is not None:
+            cluster.stop_head(head)

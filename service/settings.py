@@ -1,0 +1,135 @@
+"""Every knob of the control plane in one validated object, read from the environment (prefix NSTUDENT_).
+
+A few settings also answer to the names their ecosystems use (DATABASE_URL, RAY_ADDRESS, RAY_AUTH_TOKEN).
+S3 endpoint and credentials are not settings here: every process that touches storage (the server and the
+Ray workers alike) reads the standard AWS variables, listed in ``STORAGE_ENV``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service import storage
+
+# Read by service/storage.py in every process that reaches s3:// (the API server and the Ray nodes).
+STORAGE_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+TokenList = Annotated[list[SecretStr], NoDecode]
+RootList = Annotated[list[str], NoDecode]
+
+
+def _split(value: object) -> object:
+    """Comma-separated lists in the environment: ``a,b`` (a JSON list works too)."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            return json.loads(value)
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NSTUDENT_", extra="ignore", frozen=True)
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="production refuses to start without API tokens and with an embedded Ray"
+    )
+    data_dir: Path = Field(
+        Path("nstudent-data"), description="local state: SQLite database, embedded Ray head, generated tokens"
+    )
+    storage_root: str | None = Field(
+        None, description="where generations write their artifacts: a folder or s3://bucket/prefix; default <data_dir>/storage"
+    )
+    source_roots: RootList = Field(
+        default_factory=list,
+        description="folders and s3:// prefixes that requests may read sources and teachers from (comma-separated); "
+        "the storage root is always allowed",
+    )
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("NSTUDENT_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; default SQLite at <data_dir>/nstudent.db",
+    )
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("NSTUDENT_RAY_ADDRESS", "RAY_ADDRESS"),
+        description="Ray dashboard URL that serves the Jobs API, e.g. http://raycluster-head-svc:8265; "
+        "default: start a local Ray head under <data_dir>/ray",
+    )
+    ray_auth_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("NSTUDENT_RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN"),
+        description="Ray's token (RAY_AUTH_MODE=token); the embedded head generates one under <data_dir>",
+    )
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray head; default: all")
+    ray_num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray head; default: all")
+    read_tokens: TokenList = Field(default_factory=list, description="bearer tokens that may read (comma-separated)")
+    write_tokens: TokenList = Field(
+        default_factory=list, description="bearer tokens that may read and start or cancel generations (comma-separated)"
+    )
+    host: str = Field("127.0.0.1", description="address the API listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
+    poll_seconds: float = Field(2.0, gt=0, description="how often running generations are followed")
+    max_page_size: int = Field(500, ge=1, description="largest `limit` of a paged listing")
+
+    @field_validator("read_tokens", "write_tokens", "source_roots", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("source_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[str]) -> list[str]:
+        return [r if storage.is_remote(r) else os.path.realpath(r) for r in roots]
+
+    @model_validator(mode="after")
+    def _safe_in_production(self) -> Settings:
+        if self.environment == "production":
+            if not self.write_tokens:
+                raise ValueError("production needs NSTUDENT_WRITE_TOKENS (and usually NSTUDENT_READ_TOKENS)")
+            if not self.ray_address:
+                raise ValueError("production needs RAY_ADDRESS: the dashboard URL of the Ray cluster")
+        return self
+
+    @property
+    def storage(self) -> str:
+        return self.storage_root or str((self.data_dir / "storage").resolve())
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'nstudent.db').resolve()}"
+
+    @property
+    def allowed_roots(self) -> list[str]:
+        root = self.storage if storage.is_remote(self.storage) else os.path.realpath(self.storage)
+        return [*self.source_roots, root]
+
+
+def env_names() -> set[str]:
+    """Every environment variable the control plane reads: its settings and the storage variables."""
+    names: set[str] = set(STORAGE_ENV)
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names.update(alias.choices if isinstance(alias, AliasChoices) else [f"NSTUDENT_{name.upper()}"])
+    return names
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
