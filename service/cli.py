@@ -72,5 +72,67 @@ def generation(
                                    "dataset": result.dataset.manifest_uri}))
 
 
+job_app = typer.Typer(help="Ray job entry points: what the control plane submits for each stage.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
+
+
+def _job_spec(spec_uri: str):
+    from service import cluster, storage
+    from service.specs import GenerationSpec
+
+    spec = GenerationSpec.model_validate(storage.read_json(spec_uri))
+    cluster.connect()
+    return spec
+
+
+@job_app.command("teacher")
+def job_teacher(spec: str = typer.Argument(..., help="URI of the generation's spec.json"),
+                generation_id: str = typer.Option(...)) -> None:
+    """Train the teacher on the labeled source (a generation with no teacher)."""
+    from service import pipeline
+
+    result = pipeline.teacher_stage(_job_spec(spec))
+    console.print_json(result.model_dump_json())
+
+
+@job_app.command("label")
+def job_label(spec: str = typer.Argument(..., help="URI of the generation's spec.json"),
+              generation_id: str = typer.Option(...), dataset_id: str = typer.Option(...)) -> None:
+    """Label the unlabeled pool with the teacher and curate a manifest (Ray Data)."""
+    from service import pipeline
+
+    labeling, dataset = pipeline.label_stage(_job_spec(spec), generation_id, dataset_id, _progress(time.time()))
+    console.print_json(json.dumps({"labeling": labeling.model_dump(), "manifest": dataset.manifest_uri}))
+
+
+@job_app.command("train")
+def job_train(spec: str = typer.Argument(..., help="URI of the generation's spec.json"),
+              generation_id: str = typer.Option(...)) -> None:
+    """Fit the noisy student on the labeled source and the curated manifest (Ray Train)."""
+    from curation.stats import DatasetStats
+    from service import pipeline, storage
+
+    parsed = _job_spec(spec)
+    dataset = DatasetStats.model_validate(storage.read_json(storage.join(parsed.output, "dataset", "stats.json")))
+    result = pipeline.student_stage(parsed, dataset)
+    console.print_json(result.model_dump_json())
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="default: NSTUDENT_HOST or 127.0.0.1"),
+    port: int = typer.Option(None, help="default: NSTUDENT_PORT or 8000"),
+) -> None:
+    """Run the control plane: the REST API, and the orchestrator that submits and follows Ray jobs.
+
+    With no RAY_ADDRESS it starts a local Ray head (with its Jobs API) under the data directory.
+    """
+    from service import server
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    server.run(Settings(**overrides), log=console.print)
+
+
 if __name__ == "__main__":
     app()
