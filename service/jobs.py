@@ -50,11 +50,8 @@ class Jobs:
     def ping(self) -> None:
         try:
             self.client.get_version()
-        except RayUnavailable:
-            raise
         except Exception as e:
-            self._client = None
-            raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+            raise self._unavailable(e) from e
 
     def submit(self, submission_id: str, args: list[str], *, env: dict[str, str] | None = None) -> None:
         """Start ``nstudent <args>`` as a Ray job unless ``submission_id`` already exists."""
@@ -108,6 +105,8 @@ class Jobs:
 
     def _unavailable(self, e: Exception) -> RayUnavailable:
         self._client = None  # reconnect next time
+        if isinstance(e, RayUnavailable):
+            return e
         return RayUnavailable(f"Ray Jobs API at {self.address}: {e}")
 
 

@@ -138,6 +138,7 @@ class Orchestrator:
 
     def _submit(self, g: Generation, kind: str, stage: str, **changes: Any) -> Generation:
         submission_id = f"{g.id}-{kind}"
+        self.jobs.ping()  # while Ray is down, record nothing: the generation stays where it is
         g = self._move(g, stage, jobs={**g.jobs, kind: submission_id}, progress={}, **changes)
         self.jobs.submit(submission_id, self._args(g, kind))
         JOBS_SUBMITTED.labels(kind).inc()

@@ -153,7 +153,9 @@ class Store:
 
     def unfinished(self) -> Iterator[Generation]:
         with self.sessions() as s:
-            q = select(Generation).where(Generation.stage.not_in(TERMINAL)).order_by(Generation.created_at)
+            # Cancellations first: they need no Ray, so they go through even while Ray is unreachable.
+            q = (select(Generation).where(Generation.stage.not_in(TERMINAL))
+                 .order_by(Generation.cancel_requested.desc(), Generation.created_at))
             return iter(list(s.scalars(q)))
 
     def update(self, generation: Generation, **changes: Any) -> Generation:

@@ -1,0 +1,34 @@
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from service import digits
+from service.control import ControlPlane, Tokens
+from service.jobs import Jobs
+from service.settings import Settings
+from service.store import Store
+
+READ, WRITE = {"Authorization": "Bearer reader-token"}, {"Authorization": "Bearer writer-token"}
+# Nothing listens on port 9 of loopback: the app runs with Ray down, so generations stay where the API put them.
+RAY_DOWN = "http://127.0.0.1:9"
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    digits.write(str(root), labeled_per_class=5, test_per_class=10)
+    return root
+
+
+@pytest.fixture
+def app(tmp_path, digits_root):
+    settings = Settings(data_dir=tmp_path / "data", source_roots=[str(digits_root)], poll_seconds=0.2)
+    control = ControlPlane(settings, Store(settings.database), Jobs(RAY_DOWN, timeout=1),
+                           Tokens(read={"reader-token"}, write={"writer-token"}))
+    return create_app(control)
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as c:
+        yield c
