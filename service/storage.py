@@ -6,7 +6,7 @@ import functools
 import json
 import os
 import posixpath
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -16,22 +16,30 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the standard AWS variables (any S3-speaking server: MinIO, Ceph, moto), or None."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
 @functools.lru_cache(maxsize=32)
 def _filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
     if scheme in ("", "file"):
         return pafs.LocalFileSystem()
     if scheme == "s3":
-        # Endpoint and credentials come from the standard AWS variables; AWS_ENDPOINT_URL points at any
-        # S3-speaking server (MinIO, Ceph, moto).
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # Credentials come from the AWS SDK's usual chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+        # (+ AWS_SESSION_TOKEN), a profile, or the pod's web identity.
         kwargs: dict[str, Any] = {}
+        endpoint = s3_endpoint()
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or parsed.path
             kwargs["scheme"] = parsed.scheme or "https"
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
+        if s3_region():
+            kwargs["region"] = s3_region()
         return pafs.S3FileSystem(**kwargs)
     raise ValueError(f"unsupported storage scheme {scheme!r}: use a local path or s3://")
 
@@ -88,3 +96,57 @@ def list_files(uri: str, *, suffix: str = "") -> list[str]:
     return sorted(
         prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
     )
+
+
+def iter_files(uri: str) -> Iterator[str]:
+    """Files under a folder or prefix, recursively, one at a time and never all in memory.
+
+    A local folder is walked directory by directory (names sorted within each); an S3 prefix is read a page of
+    1,000 keys at a time (keys come in lexicographic order). Hidden files and folders (``.name``) are skipped.
+    """
+    if not is_remote(uri):
+        _, root = resolve(uri)
+        if not os.path.isdir(root):
+            return
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith("."):
+                    yield os.path.join(folder, name)
+        return
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3":
+        raise ValueError(f"unsupported storage scheme {parsed.scheme!r}: use a local path or s3://")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint(), region_name=s3_region())
+    prefix = parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            key = obj["Key"]
+            if key.endswith("/") or any(part.startswith(".") for part in key[len(prefix):].split("/")):
+                continue  # folder markers and hidden files
+            yield f"s3://{parsed.netloc}/{key}"
+
+
+def delete_dir_contents(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def move(src: str, dst: str) -> None:
+    """Rename within one filesystem (a copy then a delete on S3)."""
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    fs.create_dir(posixpath.dirname(dst_path), recursive=True)
+    fs.move(src_path, dst_path)

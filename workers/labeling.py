@@ -1,12 +1,15 @@
 """Labeling: Ray Data streams an unlabeled source through teacher actors and writes soft labels.
 
-read manifest (image_id, uri) -> [tasks] read bytes + decode + resize -> [actors] teacher forward pass
--> [write tasks] predictions/*.parquet and rejects/*.parquet
+shards of the manifest (image_id, uri) -> [tasks] read one shard, read bytes + decode + resize
+-> [actors] teacher forward pass -> [write tasks] predictions/*.parquet, rejects/*.parquet, ledger/*.json
 
 Decoding happens per image in CPU tasks, upstream of the actors: a file that cannot be read or decoded
 becomes a reject row with its reason and never fails a block. The teacher runs un-noised (eval mode, the
 EMA weights it was saved with). Actors take GPUs where the cluster has them; on a CPU-only cluster they
 take a fraction of a CPU each, so the read and decode tasks always have CPUs left.
+
+A folder source is listed once into ``<out>/source.parquet``. A job that is killed and run again labels only
+what is missing, with no row twice: see ``workers.ledger``.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from pydantic import BaseModel, Field
 from curation import imaging, schema, sources
 from service import storage
 from trainer import models
+from workers import ledger
 
 log = logging.getLogger(__name__)
 
 # Rows per read/decode task batch: small enough that a block of decoded 224px images stays ~20 MB.
 DECODE_BATCH_SIZE = int(os.environ.get("NSTUDENT_DECODE_BATCH_SIZE", "128"))
+# CPUs reserved by a task reading one shard of the manifest: URIs only, little work.
+READ_CPUS = 0.25
 
 
 class LabelConfig(BaseModel):
@@ -46,6 +52,11 @@ class LabelConfig(BaseModel):
         0.5, gt=0, description="CPUs reserved by each CPU-only actor: a fraction, so decode tasks keep running"
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a CPU actor; default: all cores")
+    shard_rows: int = Field(
+        1024, ge=1, description="source rows per read task and per unit of resume (a killed job redoes at most "
+        "the shards in flight)"
+    )
+    rows_per_file: int = Field(16384, ge=1, description="rows per predictions file (at least; the last may be fewer)")
 
 
 class LabelResult(BaseModel):
@@ -54,6 +65,7 @@ class LabelResult(BaseModel):
     images: int = Field(description="rows read from the source")
     predicted: int
     rejected: dict[str, int] = Field(description="rejects by reason")
+    resumed: int = Field(0, description="of the images, those labeled by an earlier run of the same job and kept")
 
 
 def read_and_decode(batch: dict[str, np.ndarray], *, size: int, crop_pct: float) -> dict[str, np.ndarray]:
@@ -73,13 +85,16 @@ def read_and_decode(batch: dict[str, np.ndarray], *, size: int, crop_pct: float)
             reasons[i], details[i] = e.reason, e.detail
             continue
         pixels[i] = imaging.to_array(imaging.resize_square(img, size, crop_pct))
-    return {
+    out = {
         "image_id": batch["image_id"],
         "uri": batch["uri"],
         "pixels": pixels,
         "reason": np.array(reasons, dtype=object),
         "detail": np.array(details, dtype=object),
     }
+    if "shard" in batch:
+        out["shard"] = batch["shard"]
+    return out
 
 
 class TeacherPredictor:
@@ -109,6 +124,7 @@ class TeacherPredictor:
             probs, classes = top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int32)
         n, k = len(ok), self.top_k
         offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+        shard = {"shard": pa.array(batch["shard"], pa.int64())} if "shard" in batch else {}
         return pa.table(
             {
                 "image_id": pa.array(batch["image_id"], pa.int64()),
@@ -122,6 +138,7 @@ class TeacherPredictor:
                 "teacher": pa.array([self.teacher_id] * n, pa.string()),
                 "reason": pa.array(batch["reason"], pa.string()),
                 "detail": pa.array(batch["detail"], pa.string()),
+                **shard,
             }
         )
 
@@ -133,19 +150,30 @@ def _scatter(values: np.ndarray, ok: np.ndarray, fill: Any) -> np.ndarray:
 
 
 class LabelsDatasink(ray.data.Datasink):
-    """Each write task writes one predictions file and one rejects file, and returns its counts."""
+    """Each write task writes one predictions file and one rejects file, commits them in the ledger with the
+    rows it wrote per shard, and returns its counts."""
 
-    def __init__(self, out_uri: str):
+    def __init__(self, out_uri: str, *, rows_per_file: int | None = None):
         self.out_uri = out_uri
+        self.rows_per_file = rows_per_file
         self.write_id = uuid.uuid4().hex[:12]
+        self.counts: dict[str, int] = {}
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_file
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
         counts: Counter[str] = Counter()
-        name = f"part-{self.write_id}-{ctx.task_idx:06d}.parquet"
-        preds_uri = storage.join(self.out_uri, "predictions", name)
-        rejects_uri = storage.join(self.out_uri, "rejects", name)
-        with _LazyWriter(preds_uri, schema.PREDICTIONS) as preds, _LazyWriter(rejects_uri, schema.REJECTS) as rejects:
+        shards: Counter[int] = Counter()
+        name = f"part-{self.write_id}-{ctx.task_idx:06d}"
+        staged = {part: storage.join(self.out_uri, ledger.STAGING, part, f"{name}.parquet")
+                  for part in (ledger.PREDICTIONS, ledger.REJECTS)}
+        with _LazyWriter(staged[ledger.PREDICTIONS], schema.PREDICTIONS) as preds, \
+                _LazyWriter(staged[ledger.REJECTS], schema.REJECTS) as rejects:
             for block in blocks:
+                ids, rows = np.unique(block.column("shard").to_numpy(), return_counts=True)
+                shards.update(dict(zip(ids.tolist(), rows.tolist())))
                 ok = pc.equal(block.column("reason"), "")
                 good = block.filter(ok)
                 if good.num_rows:
@@ -155,6 +183,10 @@ class LabelsDatasink(ray.data.Datasink):
                 if bad.num_rows:
                     rejects.write(bad.select(schema.REJECTS.names).cast(schema.REJECTS))
                     counts.update(f"rejected:{r}" for r in bad.column("reason").to_pylist())
+        if shards:
+            ledger.commit(self.out_uri, name, dict(shards), dict(counts),
+                          {ledger.PREDICTIONS: staged[ledger.PREDICTIONS] if preds.writer else None,
+                           ledger.REJECTS: staged[ledger.REJECTS] if rejects.writer else None})
         return dict(counts)
 
     def on_write_complete(self, write_result) -> None:
@@ -196,12 +228,70 @@ def label(
     config: LabelConfig | None = None,
     *,
     teacher_id: str = "",
+    restart: bool = False,
 ) -> LabelResult:
     """Label every image of ``source_uri`` (a folder, or a Parquet manifest with ``uri`` and optional
-    ``image_id`` columns) with the model at ``model_uri``; write ``<out>/predictions`` and ``<out>/rejects``."""
+    ``image_id`` columns) with the model at ``model_uri``; write ``<out>/predictions`` and ``<out>/rejects``.
+
+    Run again into the same ``out_uri`` with the same source, model and top-k, a job labels only the rows that
+    no earlier run committed (none when it had finished); counts are totals over the runs. Anything different,
+    or ``restart``, clears the outputs first.
+    """
     config = config or LabelConfig()
     meta = models.load_meta(model_uri)
-    ds = _source_dataset(source_uri, out_uri)
+    run = {
+        "source": source_uri,
+        "source_version": ledger.source_version(source_uri),
+        "model": model_uri,
+        "model_version": ledger.model_version(model_uri),
+        "teacher_id": teacher_id,
+        "top_k": config.top_k,
+        "shard_rows": config.shard_rows,
+    }
+    ledger.open_run(out_uri, run, restart=restart)
+    plan = ledger.ShardPlan.from_manifest(_source_manifest(source_uri, out_uri), config.shard_rows)
+    state = ledger.load(out_uri, plan)
+    sizes = plan.sizes()
+    todo = np.nonzero(state.done < sizes)[0]
+    partial = todo[state.done[todo] > 0]
+    counts: Counter[str] = Counter(state.counts)
+    if todo.size:
+        log.info("labeling %d of %d shards (%d rows already labeled)", todo.size, plan.num_shards, state.rows)
+        sink = LabelsDatasink(out_uri, rows_per_file=config.rows_per_file)
+        _labeling_dataset(plan, todo, ledger.written_ids(out_uri, state, partial), model_uri, meta, config,
+                          teacher_id).write_datasink(sink)
+        counts.update(sink.counts)
+    rejected = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("rejected:")}
+    result = LabelResult(
+        predictions_uri=storage.join(out_uri, ledger.PREDICTIONS),
+        rejects_uri=storage.join(out_uri, ledger.REJECTS),
+        images=counts.get("predicted", 0) + sum(rejected.values()),
+        predicted=counts.get("predicted", 0),
+        rejected=rejected,
+        resumed=state.rows,
+    )
+    if result.images != plan.num_rows:  # only a manifest that lists one URI twice gets here
+        log.warning("%s: %d rows labeled of a source of %d", out_uri, result.images, plan.num_rows)
+    storage.write_json(storage.join(out_uri, ledger.RESULT), result.model_dump())
+    return result
+
+
+def _labeling_dataset(
+    plan: ledger.ShardPlan,
+    shards: np.ndarray,
+    skip_ids: np.ndarray,
+    model_uri: str,
+    meta: models.ModelMeta,
+    config: LabelConfig,
+    teacher_id: str,
+) -> ray.data.Dataset:
+    # One shard per read task: each reads its own rows of the manifest (footer + one row group's pages). Its own
+    # CPU share keeps it from being fused with decoding, whose 128-row bundles would gather many shards into
+    # one task; so decode tasks run in parallel, one per shard.
+    ds = ray.data.range(len(shards), override_num_blocks=len(shards)).map_batches(
+        read_shards, batch_format="numpy", batch_size=1, num_cpus=READ_CPUS,
+        fn_kwargs={"plan": plan, "shards": shards, "skip_ids": skip_ids},
+    )
     ds = ds.map_batches(
         read_and_decode,
         batch_size=DECODE_BATCH_SIZE,
@@ -214,7 +304,7 @@ def label(
     else:
         actors = config.actors or 1
         resources = {"num_cpus": config.cpus_per_actor}
-    ds = ds.map_batches(
+    return ds.map_batches(
         TeacherPredictor,
         fn_constructor_kwargs={
             "model_uri": model_uri,
@@ -227,37 +317,29 @@ def label(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
         **resources,
     )
-    for part in ("predictions", "rejects"):  # a re-run replaces the outputs, never appends to them
-        fs, path = storage.resolve(storage.join(out_uri, part))
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-    sink = LabelsDatasink(out_uri)
-    ds.write_datasink(sink)
-    counts = getattr(sink, "counts", {})
-    rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
-    result = LabelResult(
-        predictions_uri=storage.join(out_uri, "predictions"),
-        rejects_uri=storage.join(out_uri, "rejects"),
-        images=counts.get("predicted", 0) + sum(rejected.values()),
-        predicted=counts.get("predicted", 0),
-        rejected=rejected,
-    )
-    storage.write_json(storage.join(out_uri, "labeling.json"), result.model_dump())
-    return result
 
 
-def _source_dataset(source_uri: str, out_uri: str) -> ray.data.Dataset:
+def read_shards(batch: dict[str, np.ndarray], *, plan: ledger.ShardPlan, shards: np.ndarray,
+                skip_ids: np.ndarray) -> pa.Table:
+    """Rows of the shards ``shards[batch["id"]]`` as (image_id, uri, shard), less the ids in ``skip_ids``
+    (rows of partly finished shards that an earlier run committed)."""
+    parts = []
+    for i in batch["id"]:
+        shard = int(shards[int(i)])
+        rows = sources.read_unlabeled(*plan.locate(shard))
+        rows = rows.append_column("shard", pa.array(np.full(rows.num_rows, shard, dtype=np.int64)))
+        if skip_ids.size:
+            rows = rows.filter(pa.array(~np.isin(rows.column("image_id").to_numpy(), skip_ids)))
+        parts.append(rows)
+    return pa.concat_tables(parts) if parts else sources.UNLABELED_SCHEMA.append(pa.field("shard", pa.int64())).empty_table()
+
+
+def _source_manifest(source_uri: str, out_uri: str) -> str:
+    """The source as a manifest: itself, or a folder listed once into ``<out>/source.parquet`` (kept for a
+    resumed run, which never lists again)."""
     if sources.is_manifest(source_uri):
-        fs, path = storage.resolve(source_uri)
-        ds = ray.data.read_parquet(path, filesystem=fs)
-        if "image_id" not in ds.columns():
-            ds = ds.map_batches(
-                lambda t: t.append_column("image_id", pa.array(sources.image_ids(t.column("uri").to_pylist()))),
-                batch_format="pyarrow",
-            )
-        return ds.select_columns(["image_id", "uri"])
-    # A folder is listed once into a manifest beside the outputs; big pools should come as manifests.
-    manifest_uri = storage.join(out_uri, "source.parquet")
-    fs, path = storage.resolve(manifest_uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(sources.unlabeled_manifest(source_uri), path, filesystem=fs)
-    return ray.data.read_parquet(path, filesystem=fs)
+        return source_uri
+    manifest_uri = storage.join(out_uri, ledger.SOURCE_MANIFEST)
+    if not storage.exists(manifest_uri):
+        sources.index(source_uri, manifest_uri)
+    return manifest_uri

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation import sources
+from service import storage
+from workers import ledger
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """Two files: row groups of 100, 100, 50 rows, then one of 7."""
+    folder = tmp_path / "m.parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"uri": [f"a/{i}.png" for i in range(250)]}), str(folder / "0.parquet"), row_group_size=100)
+    pq.write_table(pa.table({"uri": [f"b/{i}.png" for i in range(7)]}), str(folder / "1.parquet"))
+    return str(folder)
+
+
+def test_shards_cover_every_row_once(manifest):
+    plan = ledger.ShardPlan.from_manifest(manifest, 30)
+    assert plan.num_shards == 4 + 4 + 2 + 1 and plan.num_rows == 257
+    assert plan.sizes().tolist() == [30, 30, 30, 10, 30, 30, 30, 10, 30, 20, 7]
+    assert plan.locate(5)[1:] == (1, 30, 60) and plan.locate(10)[1:] == (0, 0, 7)
+    uris = []
+    for shard in range(plan.num_shards):
+        rows = sources.read_unlabeled(*plan.locate(shard))
+        assert rows.num_rows == plan.sizes()[shard]
+        uris += rows.column("uri").to_pylist()
+    assert uris == [f"a/{i}.png" for i in range(250)] + [f"b/{i}.png" for i in range(7)]
+
+
+def test_open_run_keeps_the_same_run_and_clears_another(tmp_path):
+    out = str(tmp_path / "labels")
+    run = {"source": "s", "model": "m", "top_k": 5}
+    assert not ledger.open_run(out, run)
+    for name in ("predictions/p.parquet", "rejects/r.parquet", "ledger/p.json", "_staging/predictions/x.parquet",
+                 "source.parquet", "labeling.json"):
+        storage.write_bytes(storage.join(out, name), b"x")
+    assert ledger.open_run(out, dict(run))
+    assert len(storage.list_files(out)) == 7
+    assert not ledger.open_run(out, {**run, "top_k": 3})
+    assert storage.list_files(out) == [storage.join(out, ledger.RUN_RECORD)]
+    assert json.loads((tmp_path / "labels" / ledger.RUN_RECORD).read_text())["top_k"] == 3
+    assert not ledger.open_run(out, {**run, "top_k": 3}, restart=True)
+
+
+def test_load_sums_committed_rows_and_removes_uncommitted_files(manifest, tmp_path):
+    plan = ledger.ShardPlan.from_manifest(manifest, 30)
+    out = str(tmp_path / "labels")
+    ids = np.arange(100, dtype=np.int64)
+
+    def staged(part: str, name: str, values: np.ndarray) -> str:
+        uri = storage.join(out, ledger.STAGING, part, f"{name}.parquet")
+        storage.write_bytes(uri, b"")
+        pq.write_table(pa.table({"image_id": values}), uri)
+        return uri
+
+    ledger.commit(out, "a", {0: 30, 1: 12}, {"predicted": 40, "rejected:corrupt": 2},
+                  {ledger.PREDICTIONS: staged("predictions", "a", ids[:40]), ledger.REJECTS: staged("rejects", "a", ids[40:42])})
+    ledger.commit(out, "b", {1: 18, 2: 5}, {"predicted": 23},
+                  {ledger.PREDICTIONS: staged("predictions", "b", ids[42:65]), ledger.REJECTS: None})
+    # a task killed after moving its file, before its ledger entry; and one killed while staging
+    storage.move(staged("predictions", "c", ids[65:70]), storage.join(out, ledger.PREDICTIONS, "c.parquet"))
+    staged("rejects", "d", ids[70:71])
+
+    state = ledger.load(out, plan)
+    assert state.done[:3].tolist() == [30, 30, 5] and state.done[3:].sum() == 0 and state.rows == 65
+    assert state.counts == {"predicted": 63, "rejected:corrupt": 2}
+    assert sorted(storage.list_files(out, suffix=".parquet")) == sorted(
+        storage.join(out, p, f) for p, f in [("predictions", "a.parquet"), ("rejects", "a.parquet"), ("predictions", "b.parquet")])
+    # ids of the partly done shard 2 come from the one entry that touched it
+    assert ledger.written_ids(out, state, np.array([2])).tolist() == list(range(42, 65))
+    assert ledger.written_ids(out, state, np.array([1])).tolist() == list(range(65))
+    assert ledger.written_ids(out, state, np.array([], dtype=np.int64)).size == 0
+
+    # more rows committed for a shard than it has: the folder is not this source's
+    ledger.commit(out, "e", {3: 11}, {"predicted": 11}, {ledger.PREDICTIONS: None, ledger.REJECTS: None})
+    with pytest.raises(ValueError, match="more rows than the source"):
+        ledger.load(out, plan)

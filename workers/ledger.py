@@ -1,0 +1,205 @@
+"""Resuming a labeling job: the source split into fixed shards, and a ledger of the output files committed.
+
+The unlabeled manifest is cut into shards of ``shard_rows`` consecutive rows inside each row group (the last
+shard of a row group may be shorter), numbered in order; the same manifest always gives the same shards. Each
+write task of the labeling job writes its predictions and rejects files under ``_staging/``, moves them into
+``predictions/`` and ``rejects/``, and then writes one ledger entry: ``ledger/<name>.json`` with the rows it
+wrote per shard and its counts. The ledger entry is the commit: a file that no entry names is left over from
+a killed task and is deleted before the job goes on.
+
+A shard whose committed rows equal its size is finished and is not read again. A shard with some rows
+committed (its rows were in flight when the job died) is read again without the image ids already written,
+which are read back from the few committed files that hold rows of such shards. So a killed job, run again,
+labels every row exactly once, and memory depends on the rows in flight, not on the size of the source.
+
+``labeling-run.json`` records what the outputs were made from (source, teacher, top-k, shard size). A run
+with anything different clears the folder first, so outputs of two different runs never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from curation import sources
+from service import storage
+
+PREDICTIONS = "predictions"
+REJECTS = "rejects"
+LEDGER = "ledger"
+STAGING = "_staging"
+RUN_RECORD = "labeling-run.json"
+RESULT = "labeling.json"
+SOURCE_MANIFEST = "source.parquet"  # where a folder source is listed, once
+
+# Threads reading ledger entries and committed files' ids when a job resumes (small objects, I/O bound).
+READ_THREADS = 16
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards of an unlabeled manifest: fixed row ranges inside its row groups."""
+
+    files: list[str]
+    group_file: np.ndarray  # (G,) index into files
+    group_index: np.ndarray  # (G,) row group index inside its file
+    group_rows: np.ndarray  # (G,) rows
+    group_first_shard: np.ndarray  # (G + 1,) first shard id of each row group; the last entry is the total
+    shard_rows: int
+
+    @classmethod
+    def from_manifest(cls, uri: str, shard_rows: int) -> ShardPlan:
+        groups = sources.row_groups(uri)
+        files = list(dict.fromkeys(f for f, _, _ in groups))
+        position = {f: i for i, f in enumerate(files)}
+        rows = np.array([n for _, _, n in groups], dtype=np.int64)
+        per_group = -(-rows // shard_rows)
+        return cls(
+            files=files,
+            group_file=np.array([position[f] for f, _, _ in groups], dtype=np.int64),
+            group_index=np.array([g for _, g, _ in groups], dtype=np.int64),
+            group_rows=rows,
+            group_first_shard=np.concatenate([[0], np.cumsum(per_group)]).astype(np.int64),
+            shard_rows=shard_rows,
+        )
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.group_first_shard[-1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.group_rows.sum())
+
+    def sizes(self) -> np.ndarray:
+        """Rows of every shard."""
+        sizes = np.full(self.num_shards, self.shard_rows, dtype=np.int64)
+        last = self.group_first_shard[1:] - 1
+        nonempty = self.group_rows > 0
+        sizes[last[nonempty]] = self.group_rows[nonempty] - (last - self.group_first_shard[:-1])[nonempty] * self.shard_rows
+        return sizes
+
+    def locate(self, shard: int) -> tuple[str, int, int, int]:
+        """(file URI, row group, start, stop) of a shard."""
+        g = int(np.searchsorted(self.group_first_shard, shard, side="right")) - 1
+        start = (shard - int(self.group_first_shard[g])) * self.shard_rows
+        stop = min(start + self.shard_rows, int(self.group_rows[g]))
+        return self.files[int(self.group_file[g])], int(self.group_index[g]), start, stop
+
+
+@dataclass
+class LedgerState:
+    """What earlier runs committed."""
+
+    done: np.ndarray  # (shards,) rows committed per shard
+    counts: Counter = field(default_factory=Counter)  # predicted, rejected:<reason>
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.done.sum())
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+def source_version(source_uri: str) -> str:
+    """A manifest's files, sizes and modification times; a folder is listed once, so its URI is enough."""
+    if not sources.is_manifest(source_uri):
+        return ""
+    infos = []
+    for uri in sources.manifest_files(source_uri):
+        fs, path = storage.resolve(uri)
+        info = fs.get_file_info(path)
+        infos.append([uri, info.size, info.mtime_ns])
+    return fingerprint(infos)
+
+
+def model_version(model_uri: str) -> str:
+    """model.json (architecture, classes, metrics, training config) and the size of the weights."""
+    from trainer import models  # torch only where a model is involved
+
+    fs, path = storage.resolve(storage.join(model_uri, models.WEIGHTS))
+    return fingerprint(storage.read_bytes(storage.join(model_uri, models.META)).decode(), fs.get_file_info(path).size)
+
+
+def open_run(out_uri: str, run: dict[str, Any], *, restart: bool = False) -> bool:
+    """Make ``out_uri`` ready for ``run``: True when it holds outputs of the same run to resume from; otherwise
+    (or with ``restart``) every output there is deleted first."""
+    record = storage.join(out_uri, RUN_RECORD)
+    if not restart and storage.exists(record) and storage.read_json(record) == run:
+        return True
+    for part in (PREDICTIONS, REJECTS, LEDGER, STAGING):
+        storage.delete_dir_contents(storage.join(out_uri, part))
+    for name in (SOURCE_MANIFEST, RESULT):
+        storage.delete_file(storage.join(out_uri, name))
+    storage.write_json(record, run)
+    return False
+
+
+def commit(out_uri: str, name: str, shards: dict[int, int], counts: dict[str, int], staged: dict[str, str | None]) -> None:
+    """Move a write task's staged files into place, then write its ledger entry (the commit point)."""
+    files = {}
+    for part, uri in staged.items():
+        if uri is not None:
+            storage.move(uri, storage.join(out_uri, part, posixpath.basename(uri)))
+            files[part] = posixpath.basename(uri)
+    entry = {"name": name, "shards": sorted([int(s), int(n)] for s, n in shards.items()), "counts": counts,
+             "files": files}
+    storage.write_bytes(storage.join(out_uri, LEDGER, f"{name}.json"), json.dumps(entry).encode())
+
+
+def load(out_uri: str, plan: ShardPlan) -> LedgerState:
+    """Read the ledger, delete files that no entry commits (staged or left by a killed task), and sum what is
+    committed per shard."""
+    uris = storage.list_files(storage.join(out_uri, LEDGER), suffix=".json")
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        entries = list(pool.map(storage.read_json, uris))
+    done = np.zeros(plan.num_shards, dtype=np.int64)
+    counts: Counter = Counter()
+    committed = {part: set() for part in (PREDICTIONS, REJECTS)}
+    for entry in entries:
+        for shard, rows in entry["shards"]:
+            if shard >= plan.num_shards:
+                raise ValueError(f"{out_uri}: ledger entry {entry['name']} names shard {shard} of {plan.num_shards}")
+            done[shard] += rows
+        counts.update(entry["counts"])
+        for part, name in entry["files"].items():
+            committed[part].add(name)
+    over = np.nonzero(done > plan.sizes())[0]
+    if over.size:
+        raise ValueError(f"{out_uri}: the ledger has more rows than the source for shards {over[:5].tolist()}")
+    storage.delete_dir_contents(storage.join(out_uri, STAGING))
+    for part, names in committed.items():
+        for uri in storage.list_files(storage.join(out_uri, part)):
+            if posixpath.basename(uri) not in names:
+                storage.delete_file(uri)
+    return LedgerState(done=done, counts=counts, entries=entries)
+
+
+def written_ids(out_uri: str, state: LedgerState, shards: np.ndarray) -> np.ndarray:
+    """Sorted image ids in the committed files that hold rows of ``shards`` (the partly finished ones)."""
+    wanted = set(shards.tolist())
+    uris = [
+        storage.join(out_uri, part, name)
+        for entry in state.entries
+        if any(s in wanted for s, _ in entry["shards"])
+        for part, name in entry["files"].items()
+    ]
+
+    def ids(uri: str) -> np.ndarray:
+        fs, path = storage.resolve(uri)
+        return pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_numpy()
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        parts = list(pool.map(ids, uris))
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
