@@ -134,5 +134,21 @@ def serve(
     server.run(Settings(**overrides), log=console.print)
 
 
+@app.command()
+def index(
+    source: str = typer.Argument(..., help="folder or s3:// prefix of images"),
+    out: str = typer.Argument(..., help="the manifest to write: a .parquet path or s3:// URI"),
+) -> None:
+    """List a folder or prefix once into a Parquet manifest of (image_id, uri), the unlabeled source to use
+    for a large pool: labeling reads it in parallel and never lists the pool again."""
+    from curation import sources
+
+    if not out.endswith(".parquet"):
+        raise typer.BadParameter("the manifest's name must end in .parquet", param_hint="OUT")
+    started = time.time()
+    rows = sources.index(source, out)
+    console.print(f"{rows:,} files listed into {out} in {time.time() - started:.1f}s")
+
+
 if __name__ == "__main__":
     app()
