@@ -121,7 +121,9 @@ def read_unlabeled(file_uri: str, row_group: int, start: int, stop: int) -> pa.T
             offset += batch.num_rows
             if offset >= stop:
                 break
-    table = pa.Table.from_batches(parts, schema=parts[0].schema) if parts else pa.table({"uri": pa.array([], pa.string())})
+    if not parts:
+        return UNLABELED_SCHEMA.empty_table()
+    table = pa.Table.from_batches(parts, schema=parts[0].schema)
     uris = table.column("uri").cast(pa.string())
     ids = table.column("image_id").cast(pa.int64()) if "image_id" in table.column_names else pa.array(
         image_ids(uris.to_pylist()), pa.int64())

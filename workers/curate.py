@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from curation import balance
@@ -40,12 +39,18 @@ def _written_block(batch: pa.Table, *, num_classes: int) -> pa.Table:
     )
 
 
-def _sum_fixed_lists(ds: ray.data.Dataset, column: str, shape: tuple[int, ...]) -> np.ndarray:
-    total = np.zeros(shape, dtype=np.int64)
+def _sum_blocks(ds: ray.data.Dataset, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Column by column, the sum over every row of every block, each to ``shapes[column]``; only one block is
+    held at a time. A fixed-size-list column is summed element-wise; uint64 columns wrap modulo 2**64."""
+    totals = {name: np.zeros(shape, dtype=np.int64) for name, shape in shapes.items()}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        values = batch.column(column).combine_chunks().flatten().to_numpy()
-        total += values.reshape(-1, *shape).sum(axis=0)
-    return total
+        for name, shape in shapes.items():
+            column = batch.column(name).combine_chunks()
+            values = (column.flatten() if pa.types.is_fixed_size_list(column.type) else column).to_numpy()
+            part = values.reshape(-1, *shape).sum(axis=0, dtype=values.dtype)
+            with np.errstate(over="ignore"):
+                totals[name] = totals[name].astype(values.dtype) + part
+    return totals
 
 
 def curate(
@@ -64,13 +69,12 @@ def curate(
     fs, path = storage.resolve(predictions_uri)
     preds = ray.data.read_parquet(path, filesystem=fs)
 
-    hist = _sum_fixed_lists(
+    hist = _sum_blocks(
         preds.select_columns(["label", "confidence"]).map_batches(
             _histogram_block, batch_format="pyarrow", fn_kwargs={"num_classes": num_classes}, batch_size=None
         ),
-        "hist",
-        (num_classes, balance.NUM_BINS),
-    )
+        {"hist": (num_classes, balance.NUM_BINS)},
+    )["hist"]
     plan = balance.plan(hist, config)
 
     manifest_uri = storage.join(out_uri, "manifest")
@@ -83,13 +87,8 @@ def curate(
     written = ray.data.read_parquet(mpath, filesystem=mfs, columns=["image_id", "label", "copies"]).map_batches(
         _written_block, batch_format="pyarrow", fn_kwargs={"num_classes": num_classes}, batch_size=None
     )
-    kept = np.zeros(num_classes, dtype=np.int64)
-    copies = np.zeros(num_classes, dtype=np.int64)
-    digest = 0
-    for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
-        kept += batch.column("kept").combine_chunks().flatten().to_numpy().reshape(-1, num_classes).sum(0)
-        copies += batch.column("copies").combine_chunks().flatten().to_numpy().reshape(-1, num_classes).sum(0)
-        digest = (digest + int(pc.sum(batch.column("digest")).as_py() or 0)) % (1 << 64)
+    sums = _sum_blocks(written, {"kept": (num_classes,), "copies": (num_classes,), "digest": ()})
+    kept, copies, digest = sums["kept"], sums["copies"], int(sums["digest"])
 
     floor_bin = int(balance.confidence_bins(np.array([config.confidence_floor], dtype=np.float32))[0])
     rejected = rejected or {}

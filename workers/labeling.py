@@ -331,7 +331,9 @@ def read_shards(batch: dict[str, np.ndarray], *, plan: ledger.ShardPlan, shards:
         if skip_ids.size:
             rows = rows.filter(pa.array(~np.isin(rows.column("image_id").to_numpy(), skip_ids)))
         parts.append(rows)
-    return pa.concat_tables(parts) if parts else sources.UNLABELED_SCHEMA.append(pa.field("shard", pa.int64())).empty_table()
+    if not parts:
+        return sources.UNLABELED_SCHEMA.append(pa.field("shard", pa.int64())).empty_table()
+    return pa.concat_tables(parts)
 
 
 def _source_manifest(source_uri: str, out_uri: str) -> str:

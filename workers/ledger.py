@@ -82,9 +82,9 @@ class ShardPlan:
     def sizes(self) -> np.ndarray:
         """Rows of every shard."""
         sizes = np.full(self.num_shards, self.shard_rows, dtype=np.int64)
-        last = self.group_first_shard[1:] - 1
-        nonempty = self.group_rows > 0
-        sizes[last[nonempty]] = self.group_rows[nonempty] - (last - self.group_first_shard[:-1])[nonempty] * self.shard_rows
+        first, last = self.group_first_shard[:-1], self.group_first_shard[1:] - 1
+        nonempty = self.group_rows > 0  # an empty row group has no shard
+        sizes[last[nonempty]] = (self.group_rows - (last - first) * self.shard_rows)[nonempty]
         return sizes
 
     def locate(self, shard: int) -> tuple[str, int, int, int]:
@@ -146,7 +146,9 @@ def open_run(out_uri: str, run: dict[str, Any], *, restart: bool = False) -> boo
     return False
 
 
-def commit(out_uri: str, name: str, shards: dict[int, int], counts: dict[str, int], staged: dict[str, str | None]) -> None:
+def commit(
+    out_uri: str, name: str, shards: dict[int, int], counts: dict[str, int], staged: dict[str, str | None]
+) -> None:
     """Move a write task's staged files into place, then write its ledger entry (the commit point)."""
     files = {}
     for part, uri in staged.items():

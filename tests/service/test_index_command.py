@@ -25,7 +25,8 @@ def test_index_command_on_s3_and_its_validation(tmp_path):
     result = CliRunner().invoke(app, ["index", bucket + "/pool", bucket + "/manifests/pool.parquet"])
     assert result.exit_code == 0, result.output
     assert sources.row_groups(bucket + "/manifests/pool.parquet") == [(bucket + "/manifests/pool.parquet", 0, 8)]
-    assert sorted(sources.read_unlabeled(bucket + "/manifests/pool.parquet", 0, 0, 8).column("uri").to_pylist()) == uploaded
+    listed = sources.read_unlabeled(bucket + "/manifests/pool.parquet", 0, 0, 8)
+    assert sorted(listed.column("uri").to_pylist()) == uploaded
 
     result = CliRunner().invoke(app, ["index", str(tmp_path / "pool"), str(tmp_path / "pool.csv")])
     assert result.exit_code != 0 and ".parquet" in result.output

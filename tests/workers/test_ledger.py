@@ -60,7 +60,8 @@ def test_load_sums_committed_rows_and_removes_uncommitted_files(manifest, tmp_pa
         return uri
 
     ledger.commit(out, "a", {0: 30, 1: 12}, {"predicted": 40, "rejected:corrupt": 2},
-                  {ledger.PREDICTIONS: staged("predictions", "a", ids[:40]), ledger.REJECTS: staged("rejects", "a", ids[40:42])})
+                  {ledger.PREDICTIONS: staged("predictions", "a", ids[:40]),
+                   ledger.REJECTS: staged("rejects", "a", ids[40:42])})
     ledger.commit(out, "b", {1: 18, 2: 5}, {"predicted": 23},
                   {ledger.PREDICTIONS: staged("predictions", "b", ids[42:65]), ledger.REJECTS: None})
     # a task killed after moving its file, before its ledger entry; and one killed while staging
@@ -70,8 +71,8 @@ def test_load_sums_committed_rows_and_removes_uncommitted_files(manifest, tmp_pa
     state = ledger.load(out, plan)
     assert state.done[:3].tolist() == [30, 30, 5] and state.done[3:].sum() == 0 and state.rows == 65
     assert state.counts == {"predicted": 63, "rejected:corrupt": 2}
-    assert sorted(storage.list_files(out, suffix=".parquet")) == sorted(
-        storage.join(out, p, f) for p, f in [("predictions", "a.parquet"), ("rejects", "a.parquet"), ("predictions", "b.parquet")])
+    committed = [("predictions", "a.parquet"), ("rejects", "a.parquet"), ("predictions", "b.parquet")]
+    assert sorted(storage.list_files(out, suffix=".parquet")) == sorted(storage.join(out, p, f) for p, f in committed)
     # ids of the partly done shard 2 come from the one entry that touched it
     assert ledger.written_ids(out, state, np.array([2])).tolist() == list(range(42, 65))
     assert ledger.written_ids(out, state, np.array([1])).tolist() == list(range(65))
