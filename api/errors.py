@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from service.jobs import RayUnavailable
@@ -14,6 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            # Starlette names the methods of the first matching route only; a path served by several routes
+            # (GET and POST /generations) allows all of theirs.
+            methods = sorted({m for r in app.router.routes if r.matches(request.scope)[0] != Match.NONE
+                              for m in getattr(r, "methods", None) or ()})
+            return JSONResponse({"detail": e.detail}, e.status_code, headers={"Allow": ", ".join(methods)})
+        return await http_exception_handler(request, e)
+
     @app.exception_handler(InvalidRequest)
     async def invalid(_: Request, e: InvalidRequest) -> JSONResponse:
         # The same shape as FastAPI's own validation errors, so clients parse one format.

@@ -10,8 +10,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from curation.stats import DatasetStats
 from service.specs import GenerationConfig
 
+# Offsets past any real listing (and past what a 64-bit database integer holds) are refused up front.
+MAX_OFFSET = 10**12
+
 Stage = Literal["queued", "training_teacher", "labeling", "curating", "training", "evaluating",
                 "succeeded", "failed", "cancelled"]
+
+
+class Page(BaseModel):
+    """Paging query parameters; an unknown parameter (a typo such as `limt`) is a 422, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    limit: int = Field(50, ge=1, le=1000)
+
+
+class GenerationQuery(Page):
+    stage: Stage | None = Field(None, description="only generations at this stage")
+
+
+class ManifestQuery(Page):
+    limit: int = Field(100, ge=1, le=1000)
 
 
 class GenerationCreate(GenerationConfig):

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from api.deps import ControlDep, Reader
-from api.schemas import DatasetPublic, ManifestPage, ManifestRow, Problem
+from api.schemas import DatasetPublic, ManifestPage, ManifestQuery, ManifestRow, Problem
 from service.control import DATASET_ID
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[Reader])
@@ -27,14 +27,9 @@ def get_dataset(dataset_id: DatasetId, control: ControlDep) -> DatasetPublic:
 
 
 @router.get("/{dataset_id}/manifest", responses=RESPONSES)
-def get_manifest(
-    dataset_id: DatasetId,
-    control: ControlDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> ManifestPage:
+def get_manifest(dataset_id: DatasetId, control: ControlDep, query: Annotated[ManifestQuery, Query()]) -> ManifestPage:
     """The kept images, a page at a time: image_id, uri, label, confidence, copies. For bulk reads, take the
     Parquet files at the dataset's `manifest_uri` directly."""
-    rows = control.manifest(dataset_id, offset, limit)
+    rows = control.manifest(dataset_id, query.offset, query.limit)
     return ManifestPage(data=[ManifestRow.model_validate(r) for r in rows], count=control.dataset(dataset_id).rows,
-                        offset=offset, limit=limit)
+                        offset=query.offset, limit=query.limit)

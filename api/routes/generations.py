@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Response, status
 
 from api.deps import ControlDep, Reader, Writer
-from api.schemas import (GenerationAccepted, GenerationCreate, GenerationPublic, GenerationsPublic, ModelPublic,
-                         Problem, Progress, Stage, StageTiming)
+from api.schemas import (GenerationAccepted, GenerationCreate, GenerationPublic, GenerationQuery, GenerationsPublic,
+                         ModelPublic, Problem, Progress, StageTiming)
 from service.control import GENERATION_ID
 from service.store import Generation
 
@@ -39,7 +39,7 @@ def public(g: Generation) -> GenerationPublic:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, dependencies=[Writer],
-             responses={**AUTH, 409: {"model": Problem}, 422: {"model": Problem}})
+             responses={**AUTH, 400: {"model": Problem}, 409: {"model": Problem}, 422: {"model": Problem}})
 def create_generation(
     body: GenerationCreate,
     control: ControlDep,
@@ -55,14 +55,9 @@ def create_generation(
 
 
 @router.get("", dependencies=[Reader], responses=AUTH)
-def list_generations(
-    control: ControlDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    stage: Stage | None = None,
-) -> GenerationsPublic:
+def list_generations(control: ControlDep, query: Annotated[GenerationQuery, Query()]) -> GenerationsPublic:
     """Generations, newest first."""
-    rows, count = control.page(offset, limit, stage)
+    rows, count = control.page(query.offset, query.limit, query.stage)
     return GenerationsPublic(data=[public(g) for g in rows], count=count)
 
 

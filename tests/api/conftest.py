@@ -20,12 +20,16 @@ def digits_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def app(tmp_path, digits_root):
-    settings = Settings(data_dir=tmp_path / "data", source_roots=[str(digits_root)], poll_seconds=0.2)
+def make_app(data_dir, source_root):
+    settings = Settings(data_dir=data_dir, source_roots=[str(source_root)], poll_seconds=0.2)
     control = ControlPlane(settings, Store(settings.database), Jobs(RAY_DOWN, timeout=1),
                            Tokens(read={"reader-token"}, write={"writer-token"}))
     return create_app(control)
+
+
+@pytest.fixture
+def app(tmp_path, digits_root):
+    return make_app(tmp_path / "data", digits_root)
 
 
 @pytest.fixture
