@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Noisy Student pseudo-labeling and dataset curation on Ray.", no_args_is_help=True)
+# Plain tracebacks: the control plane reports the last exception line of a failed job's log as its error.
+app = typer.Typer(help="Noisy Student pseudo-labeling and dataset curation on Ray.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 # Wide enough for the results table when the output is a file or a CI log.
 console = Console(width=None if Console().is_terminal else 120)
 

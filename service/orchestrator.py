@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from curation.stats import DatasetStats
 from service import storage
+from service.pipeline import progress_uri
 from service.jobs import JobState, Jobs, RayUnavailable
 from service.specs import GenerationSpec
 from service.store import STAGES, TERMINAL, Dataset, Generation, StaleWrite, Store, utcnow
@@ -33,9 +34,11 @@ GENERATIONS = Gauge("nstudent_generations", "generations by stage", ["stage"])
 JOBS_SUBMITTED = Counter("nstudent_jobs_submitted_total", "Ray jobs submitted", ["kind"])
 TICK_ERRORS = Counter("nstudent_orchestrator_errors_total", "failed steps of the orchestrator", ["kind"])
 
-# The job that runs during each active stage.
+# The job that runs during each active stage, and the phases each job reports in progress.json.
 JOB_OF_STAGE = {"training_teacher": "teacher", "labeling": "label", "curating": "label",
                 "training": "train", "evaluating": "train"}
+PHASES = {"teacher": {"training", "evaluating"}, "label": {"labeling", "curating"},
+          "train": {"training", "evaluating"}}
 
 
 def spec_uri(output: str) -> str:
@@ -139,6 +142,7 @@ class Orchestrator:
     def _submit(self, g: Generation, kind: str, stage: str, **changes: Any) -> Generation:
         submission_id = f"{g.id}-{kind}"
         self.jobs.ping()  # while Ray is down, record nothing: the generation stays where it is
+        storage.delete_file(progress_uri(g.output))  # the previous job's progress is not this one's
         g = self._move(g, stage, jobs={**g.jobs, kind: submission_id}, progress={}, **changes)
         self.jobs.submit(submission_id, self._args(g, kind))
         JOBS_SUBMITTED.labels(kind).inc()
@@ -162,23 +166,25 @@ class Orchestrator:
             self.jobs.submit(submission_id, self._args(g, kind))
             JOBS_SUBMITTED.labels(kind).inc()
         elif state.status in ("PENDING", "RUNNING"):
-            self._record_progress(g)
+            self._record_progress(g, kind)
         elif state.status == "FAILED":
             self._finish(g, "failed", error=f"{kind} job {submission_id}: {self.jobs.failure(submission_id)}")
         elif state.status == "STOPPED":
             self._finish(g, "failed", error=f"{kind} job {submission_id} was stopped outside the service")
         return state
 
-    def _record_progress(self, g: Generation) -> None:
+    def _record_progress(self, g: Generation, kind: str) -> None:
         try:
-            progress = storage.read_json(storage.join(g.output, "progress.json"))
+            progress = storage.read_json(progress_uri(g.output))
         except (OSError, ValueError):
             return
         progress.pop("time", None)
         phase = progress.get("phase")
-        stage = {"curating": "curating", "evaluating": "evaluating"}.get(phase, g.stage)
-        if g.stage == "training_teacher":
-            stage = g.stage  # the teacher's evaluation is part of its stage
+        if phase not in PHASES[kind]:
+            return
+        stage = g.stage
+        if kind != "teacher" and phase in ("curating", "evaluating"):  # the teacher's evaluation is its stage
+            stage = phase
         if progress != g.progress or stage != g.stage:
             self._move(g, stage, progress=progress)
 

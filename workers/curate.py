@@ -84,11 +84,14 @@ def curate(
         balance.assign_copies, batch_format="pyarrow", fn_kwargs={"plan": plan, "seed": config.seed}, batch_size=None
     ).write_parquet(mpath, filesystem=mfs)
 
-    written = ray.data.read_parquet(mpath, filesystem=mfs, columns=["image_id", "label", "copies"]).map_batches(
-        _written_block, batch_format="pyarrow", fn_kwargs={"num_classes": num_classes}, batch_size=None
-    )
-    sums = _sum_blocks(written, {"kept": (num_classes,), "copies": (num_classes,), "digest": ()})
-    kept, copies, digest = sums["kept"], sums["copies"], int(sums["digest"])
+    if storage.list_files(manifest_uri, suffix=".parquet"):
+        written = ray.data.read_parquet(mpath, filesystem=mfs, columns=["image_id", "label", "copies"]).map_batches(
+            _written_block, batch_format="pyarrow", fn_kwargs={"num_classes": num_classes}, batch_size=None
+        )
+        sums = _sum_blocks(written, {"kept": (num_classes,), "copies": (num_classes,), "digest": ()})
+        kept, copies, digest = sums["kept"], sums["copies"], int(sums["digest"])
+    else:  # nothing passed the floor: an empty manifest, reported as such
+        kept, copies, digest = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64), 0
 
     floor_bin = int(balance.confidence_bins(np.array([config.confidence_floor], dtype=np.float32))[0])
     rejected = rejected or {}
