@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 # Rows per read/decode task batch: small enough that a block of decoded 224px images stays ~20 MB.
 DECODE_BATCH_SIZE = int(os.environ.get("NSTUDENT_DECODE_BATCH_SIZE", "128"))
-# CPUs reserved by a task reading one shard of the manifest: URIs only, little work.
+# Manifest rows per read task (whole shards, inside one row group): a few MB of URIs. Their rows are cut into
+# blocks of DECODE_BATCH_SIZE on the way out, so decoding runs in as many tasks as there are CPUs for it.
+READ_UNIT_ROWS = 65_536
+# CPUs reserved by a read task: it reads URIs only.
 READ_CPUS = 0.25
 
 
@@ -252,11 +255,11 @@ def label(
     plan = ledger.ShardPlan.from_manifest(_source_manifest(source_uri, out_uri), config.shard_rows)
     state = ledger.load(out_uri, plan)
     sizes = plan.sizes()
-    todo = np.nonzero(state.done < sizes)[0]
-    partial = todo[state.done[todo] > 0]
+    todo = state.done < sizes
+    partial = np.nonzero(todo & (state.done > 0))[0]
     counts: Counter[str] = Counter(state.counts)
-    if todo.size:
-        log.info("labeling %d of %d shards (%d rows already labeled)", todo.size, plan.num_shards, state.rows)
+    if todo.any():
+        log.info("labeling %d of %d shards (%d rows already labeled)", todo.sum(), plan.num_shards, state.rows)
         sink = LabelsDatasink(out_uri, rows_per_file=config.rows_per_file)
         _labeling_dataset(plan, todo, ledger.written_ids(out_uri, state, partial), model_uri, meta, config,
                           teacher_id).write_datasink(sink)
@@ -278,20 +281,20 @@ def label(
 
 def _labeling_dataset(
     plan: ledger.ShardPlan,
-    shards: np.ndarray,
+    todo: np.ndarray,
     skip_ids: np.ndarray,
     model_uri: str,
     meta: models.ModelMeta,
     config: LabelConfig,
     teacher_id: str,
 ) -> ray.data.Dataset:
-    # One shard per read task: each reads its own rows of the manifest (footer + one row group's pages). Its own
-    # CPU share keeps it from being fused with decoding, whose 128-row bundles would gather many shards into
-    # one task; so decode tasks run in parallel, one per shard.
-    ds = ray.data.range(len(shards), override_num_blocks=len(shards)).map_batches(
-        read_shards, batch_format="numpy", batch_size=1, num_cpus=READ_CPUS,
-        fn_kwargs={"plan": plan, "shards": shards, "skip_ids": skip_ids},
-    )
+    # One read task per unit of the manifest, created lazily. The read tasks have their own CPU share, so they
+    # are not fused with decoding; their output is cut into decode-batch blocks, one decode task each.
+    units = plan.units(READ_UNIT_ROWS, todo)
+    ds = ray.data.range(len(units), override_num_blocks=len(units)).map_batches(
+        read_units, batch_format="numpy", batch_size=1, num_cpus=READ_CPUS,
+        fn_kwargs={"plan": plan, "units": units, "todo": todo, "skip_ids": skip_ids},
+    ).repartition(target_num_rows_per_block=DECODE_BATCH_SIZE)
     ds = ds.map_batches(
         read_and_decode,
         batch_size=DECODE_BATCH_SIZE,
@@ -319,18 +322,20 @@ def _labeling_dataset(
     )
 
 
-def read_shards(batch: dict[str, np.ndarray], *, plan: ledger.ShardPlan, shards: np.ndarray,
-                skip_ids: np.ndarray) -> pa.Table:
-    """Rows of the shards ``shards[batch["id"]]`` as (image_id, uri, shard), less the ids in ``skip_ids``
-    (rows of partly finished shards that an earlier run committed)."""
+def read_units(
+    batch: dict[str, np.ndarray], *, plan: ledger.ShardPlan, units: np.ndarray, todo: np.ndarray, skip_ids: np.ndarray
+) -> pa.Table:
+    """The rows of read units ``units[batch["id"]]`` as (image_id, uri, shard): only rows of shards still to do
+    (``todo``), less the ids in ``skip_ids`` (rows of partly finished shards that an earlier run committed)."""
     parts = []
     for i in batch["id"]:
-        shard = int(shards[int(i)])
-        rows = sources.read_unlabeled(*plan.locate(shard))
-        rows = rows.append_column("shard", pa.array(np.full(rows.num_rows, shard, dtype=np.int64)))
+        first, stop = (int(v) for v in units[int(i)])
+        rows = sources.read_unlabeled(*plan.locate(first, stop))
+        shard = first + np.arange(rows.num_rows, dtype=np.int64) // plan.shard_rows
+        keep = todo[shard]
         if skip_ids.size:
-            rows = rows.filter(pa.array(~np.isin(rows.column("image_id").to_numpy(), skip_ids)))
-        parts.append(rows)
+            keep &= ~np.isin(rows.column("image_id").to_numpy(), skip_ids)
+        parts.append(rows.append_column("shard", pa.array(shard)).filter(pa.array(keep)))
     if not parts:
         return sources.UNLABELED_SCHEMA.append(pa.field("shard", pa.int64())).empty_table()
     return pa.concat_tables(parts)

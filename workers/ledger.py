@@ -87,12 +87,28 @@ class ShardPlan:
         sizes[last[nonempty]] = (self.group_rows - (last - first) * self.shard_rows)[nonempty]
         return sizes
 
-    def locate(self, shard: int) -> tuple[str, int, int, int]:
-        """(file URI, row group, start, stop) of a shard."""
+    def locate(self, shard: int, stop_shard: int | None = None) -> tuple[str, int, int, int]:
+        """(file URI, row group, start row, stop row) of a shard, or of the shards ``[shard, stop_shard)``,
+        which must lie in one row group."""
         g = int(np.searchsorted(self.group_first_shard, shard, side="right")) - 1
-        start = (shard - int(self.group_first_shard[g])) * self.shard_rows
-        stop = min(start + self.shard_rows, int(self.group_rows[g]))
+        first = int(self.group_first_shard[g])
+        stop_shard = shard + 1 if stop_shard is None else stop_shard
+        if stop_shard > self.group_first_shard[g + 1]:
+            raise ValueError(f"shards {shard}..{stop_shard} span row groups")
+        start = (shard - first) * self.shard_rows
+        stop = min((stop_shard - first) * self.shard_rows, int(self.group_rows[g]))
         return self.files[int(self.group_file[g])], int(self.group_index[g]), start, stop
+
+    def units(self, rows: int, todo: np.ndarray) -> np.ndarray:
+        """Read units: (first shard, stop shard) pairs of at most ``rows`` rows (whole shards, at least one),
+        never across a row group, that hold a shard where ``todo`` (a bool per shard) is set."""
+        per_unit = max(1, rows // self.shard_rows)
+        starts = [np.arange(a, b, per_unit) for a, b in zip(self.group_first_shard[:-1], self.group_first_shard[1:])]
+        first = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        group_end = np.repeat(self.group_first_shard[1:], [len(s) for s in starts])
+        stop = np.minimum(first + per_unit, group_end)
+        pending = np.add.reduceat(todo.astype(np.int64), first) > 0 if first.size else np.zeros(0, dtype=bool)
+        return np.stack([first, stop], axis=1)[pending].astype(np.int64)
 
 
 @dataclass

@@ -33,6 +33,19 @@ def test_shards_cover_every_row_once(manifest):
     assert uris == [f"a/{i}.png" for i in range(250)] + [f"b/{i}.png" for i in range(7)]
 
 
+def test_read_units_are_whole_shards_inside_a_row_group(manifest):
+    plan = ledger.ShardPlan.from_manifest(manifest, 30)
+    todo = np.ones(plan.num_shards, dtype=bool)
+    assert plan.units(60, todo).tolist() == [[0, 2], [2, 4], [4, 6], [6, 8], [8, 10], [10, 11]]
+    assert plan.units(10, todo).tolist() == [[s, s + 1] for s in range(11)]  # at least one shard
+    assert plan.units(10**6, todo).tolist() == [[0, 4], [4, 8], [8, 10], [10, 11]]
+    todo[[0, 1, 4, 5, 9, 10]] = False  # finished shards: units with nothing to do are left out
+    assert plan.units(60, todo).tolist() == [[2, 4], [6, 8], [8, 10]]
+    assert plan.locate(6, 8)[1:] == (1, 60, 100)
+    with pytest.raises(ValueError, match="span row groups"):
+        plan.locate(3, 5)
+
+
 def test_open_run_keeps_the_same_run_and_clears_another(tmp_path):
     out = str(tmp_path / "labels")
     run = {"source": "s", "model": "m", "top_k": 5}
