@@ -238,7 +238,8 @@ def label(
 
     Run again into the same ``out_uri`` with the same source, model and top-k, a job labels only the rows that
     no earlier run committed (none when it had finished); counts are totals over the runs. Anything different,
-    or ``restart``, clears the outputs first.
+    or ``restart``, clears the outputs first. A folder is listed once: files added to it later are labeled by
+    a run with ``restart`` (or into a new ``out_uri``).
     """
     config = config or LabelConfig()
     meta = models.load_meta(model_uri)

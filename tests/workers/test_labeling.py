@@ -67,8 +67,9 @@ def test_manifest_source_counts_missing_objects(ray_cluster, tmp_path, teacher):
     rejects = pq.read_table(result.rejects_uri)
     assert sorted(rejects.column("uri").to_pylist()) == sorted(missing)
     assert os.path.exists(os.path.join(tmp_path, "labels", "labeling.json"))
-    # a second run replaces the outputs: no duplicate rows
-    label(manifest, teacher, str(tmp_path / "labels"))
+    # a second run finds every row committed: nothing is labeled again, no duplicate rows
+    again = label(manifest, teacher, str(tmp_path / "labels"))
+    assert again.resumed == 13 and (again.predicted, again.rejected) == (10, {"missing": 3})
     assert pq.read_table(result.predictions_uri).num_rows == 10
     assert pq.read_table(result.rejects_uri).num_rows == 3
 
