@@ -206,23 +206,24 @@ class ControlPlane:
         return d
 
     def manifest(self, dataset_id: str, offset: int, limit: int) -> list[dict[str, Any]]:
-        """Rows ``offset..offset+limit`` of a dataset's manifest, in file order; reads only the files needed."""
+        """Rows ``offset..offset+limit`` of a dataset's manifest, in file order; reads only the row groups needed."""
         d = self.dataset(dataset_id)
         limit = min(limit, self.settings.max_page_size)
         rows: list[dict[str, Any]] = []
         for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
-            if len(rows) >= limit:
-                break
             fs, path = storage.resolve(uri)
             with fs.open_input_file(path) as f:
                 file = pq.ParquetFile(f)
-                n = file.metadata.num_rows
-                if offset >= n:
-                    offset -= n
-                    continue
-                table = file.read(columns=MANIFEST_COLUMNS).slice(offset, limit - len(rows))
-                rows.extend(table.to_pylist())
-                offset = 0
+                for group in range(file.metadata.num_row_groups):  # footers first: skip without reading
+                    if len(rows) >= limit:
+                        return rows
+                    n = file.metadata.row_group(group).num_rows
+                    if offset >= n:
+                        offset -= n
+                        continue
+                    table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
+                    rows.extend(table.slice(offset, limit - len(rows)).to_pylist())
+                    offset = 0
         return rows
 
     def model(self, generation_id: str) -> tuple[Generation, models.ModelMeta]:

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
     poll_seconds: float = Field(2.0, gt=0, description="how often running generations are followed")
-    max_page_size: int = Field(500, ge=1, description="largest `limit` of a paged listing")
+    max_page_size: int = Field(1000, ge=1, le=1000, description="largest `limit` of a paged listing")
 
     @field_validator("read_tokens", "write_tokens", "source_roots", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ def get_dataset(dataset_id: DatasetId, control: ControlDep) -> DatasetPublic:
 def get_manifest(dataset_id: DatasetId, control: ControlDep, query: Annotated[ManifestQuery, Query()]) -> ManifestPage:
     """The kept images, a page at a time: image_id, uri, label, confidence, copies. For bulk reads, take the
     Parquet files at the dataset's `manifest_uri` directly."""
-    rows = control.manifest(dataset_id, query.offset, query.limit)
+    limit = min(query.limit, control.settings.max_page_size)
+    rows = control.manifest(dataset_id, query.offset, limit)
     return ManifestPage(data=[ManifestRow.model_validate(r) for r in rows], count=control.dataset(dataset_id).rows,
-                        offset=query.offset, limit=query.limit)
+                        offset=query.offset, limit=limit)
