@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import Histogram
 
 from api import errors
@@ -14,6 +14,29 @@ from service.control import ControlPlane
 
 REQUESTS = Histogram("nstudent_http_request_seconds", "HTTP requests by route and status",
                      ["method", "route", "status"])
+
+
+class RequestMetrics:
+    """Latency by route template and status (a plain ASGI middleware: no per-request task or body copy)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(scope["method"], route, status[0]).observe(time.perf_counter() - started)
 
 
 def create_app(control: ControlPlane) -> FastAPI:
@@ -34,14 +57,5 @@ def create_app(control: ControlPlane) -> FastAPI:
     for module in (generations, datasets, health):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), response.status_code).observe(
-            time.perf_counter() - started
-        )
-        return response
-
+    app.add_middleware(RequestMetrics)
     return app

@@ -63,7 +63,7 @@ def generation(
     generation_id: str = typer.Option("generation", help="id recorded in the outputs"),
     ray_address: str = typer.Option(None, envvar="RAY_ADDRESS"),
 ) -> None:
-    """Run one generation from a spec: the entry point of a Ray job."""
+    """Run one whole generation from a spec in this process (the control plane runs it as separate jobs)."""
     from service import cluster, pipeline
     from service.specs import GenerationSpec
 
