@@ -1,0 +1,118 @@
+"""The control plane for real: `nstudent serve` as a process, its own local Ray head, Ray jobs on the digits.
+
+One generation trains a teacher, labels the pool, curates and fits a student; a second one, taught by the
+first, is interrupted by SIGKILL of the server and finishes after a restart, each of its jobs run once.
+"""
+
+import time
+
+import httpx
+import pyarrow.dataset as pads
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from curation.balance import NUM_BINS
+from service import cluster
+from tests.api.server import Server
+
+pytestmark = pytest.mark.slow
+TOKENS = {"NSTUDENT_WRITE_TOKENS": "w-token", "NSTUDENT_READ_TOKENS": "r-token"}
+WRITE, READ = {"Authorization": "Bearer w-token"}, {"Authorization": "Bearer r-token"}
+
+
+def train(steps: int) -> dict:
+    return {"architecture": "test_resnet", "input_size": 32, "mean": [0.13] * 3, "std": [0.31] * 3,
+            "steps": steps, "batch_size": 16, "unlabeled_ratio": 2, "warmup_steps": 2, "checkpoint_every": 10}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, digits_root):
+    data_dir = tmp_path_factory.mktemp("serve")
+    s = Server(data_dir, {**TOKENS, "NSTUDENT_SOURCE_ROOTS": str(digits_root), "NSTUDENT_POLL_SECONDS": "0.5",
+                          "NSTUDENT_RAY_NUM_CPUS": "2"})
+    yield s.start()
+    s.stop()
+    head = data_dir / "ray" / "head.json"
+    if head.exists():  # the head is left running only if the server could not stop it; never leak it
+        cluster.stop_head(cluster.Head(**__import__("json").loads(head.read_text())))
+
+
+def wait(server, generation_id, until, timeout=900):
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        g = httpx.get(f"{server.url}/generations/{generation_id}", headers=READ, timeout=10).json()
+        if not seen or seen[-1] != g["stage"]:
+            seen.append(g["stage"])
+        if until(g):
+            return g, seen
+        assert g["stage"] not in ("failed", "cancelled"), g["error"]
+        time.sleep(0.5)
+    raise TimeoutError(f"{generation_id}: stages {seen}\n{server.log()[-3000:]}")
+
+
+def test_a_generation_end_to_end(server, digits_root):
+    body = {"labeled": str(digits_root / "labeled"), "unlabeled": str(digits_root / "unlabeled"),
+            "eval": str(digits_root / "test"), "teacher_config": train(30), "student": train(20),
+            "curation": {"confidence_floor": 0.15}}
+    r = httpx.post(f"{server.url}/generations", json=body, headers=WRITE, timeout=30)
+    assert r.status_code == 202, r.text
+    gid = r.json()["id"]
+    g, stages = wait(server, gid, lambda g: g["stage"] == "succeeded")
+    assert stages[0] in ("queued", "training_teacher") and stages[-1] == "succeeded"
+    assert [s for s in ("training_teacher", "labeling", "training") if s in stages] == ["training_teacher", "labeling", "training"]
+    assert set(g["jobs"]) == {"teacher", "label", "train"} and set(g["timings"]) >= {"training_teacher", "labeling", "training"}
+    assert all(t["seconds"] > 0 for t in g["timings"].values())
+    assert 0 < g["metrics"]["test_accuracy"] <= 1 and g["metrics"]["test_images"] == 100
+    assert g["progress"]["step"] == g["progress"]["steps"] == 20 or g["progress"] == {}
+
+    # The curation statistics match the manifest on disk.
+    d = httpx.get(f"{server.url}{g['links']['dataset']}", headers=READ, timeout=10).json()
+    manifest = pads.dataset(d["manifest_uri"], format="parquet").to_table()
+    assert d["manifest_rows"] == manifest.num_rows > 0
+    assert d["manifest_copies"] == sum(manifest.column("copies").to_pylist())
+    assert d["images_seen"] == 5000 - 150 and d["images_decoded"] == d["images_seen"] and d["rejected"] == {}
+    assert len(d["confidence_histogram"]) == NUM_BINS and sum(d["confidence_histogram"]) == d["images_decoded"]
+    labels = manifest.column("label").to_pylist()
+    for c in d["classes"]:
+        assert c["kept"] == labels.count(c["class_index"])
+        assert c["threshold"] >= d["config"]["confidence_floor"]
+    # ... and the manifest pages are that manifest, in order.
+    page = httpx.get(f"{server.url}/datasets/{d['dataset_id']}/manifest?offset=0&limit=1000", headers=READ).json()
+    assert page["count"] == manifest.num_rows
+    ids = {r["image_id"] for r in page["data"]}
+    rest = httpx.get(f"{server.url}/datasets/{d['dataset_id']}/manifest?offset=1000&limit=1000", headers=READ).json()
+    assert len(page["data"]) == min(1000, manifest.num_rows) and not ids & {r["image_id"] for r in rest["data"]}
+    assert ids <= set(manifest.column("image_id").to_pylist())
+
+    model = httpx.get(f"{server.url}/generations/{gid}/model", headers=READ).json()
+    assert model["uri"] == g["model_uri"] and model["metrics"] == g["metrics"] and model["class_names"] == list("0123456789")
+    server.first_generation = gid
+
+
+def test_a_restart_in_the_middle_finishes_the_generation_once(server, digits_root):
+    gid = getattr(server, "first_generation", None)
+    if gid is None:
+        pytest.skip("needs the first generation's model")
+    body = {"teacher": gid, "labeled": str(digits_root / "labeled"), "unlabeled": str(digits_root / "unlabeled"),
+            "eval": str(digits_root / "test"), "student": train(40), "curation": {"confidence_floor": 0.15}}
+    r = httpx.post(f"{server.url}/generations", json=body, headers={**WRITE, "Idempotency-Key": "restart-test"})
+    second = r.json()["id"]
+    wait(server, second, lambda g: g["stage"] in ("training", "evaluating") and g["progress"].get("step"))
+    server.kill()
+    killed_at = time.time()
+    server.start()
+    # A client retrying its POST after the restart gets the same generation back.
+    again = httpx.post(f"{server.url}/generations", json=body, headers={**WRITE, "Idempotency-Key": "restart-test"})
+    assert again.status_code == 202 and again.json()["id"] == second
+    g, _ = wait(server, second, lambda g: g["stage"] == "succeeded")
+    assert g["parent_id"] is None and g["teacher_uri"].endswith(f"{gid}/model")
+
+    head = cluster.Head(**__import__("json").loads((server.data_dir / "ray" / "head.json").read_text()))
+    jobs = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"}).list_jobs()
+    mine = [j for j in jobs if j.submission_id.startswith(second)]
+    assert sorted(j.submission_id for j in mine) == [f"{second}-label", f"{second}-train"]
+    assert all(j.status.value == "SUCCEEDED" for j in mine)
+    # Neither job was started again after the restart: both began before the kill.
+    assert all(j.start_time / 1000 < killed_at for j in mine)
+    # The student ran straight through: no resume from a checkpoint.
+    assert g["metrics"]["resumed_from_step"] == 0
