@@ -53,6 +53,8 @@ def create_app(control: ControlPlane) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.control = control
+    app.state.generation_cache = generations.ResponseCache()
+    control.store.listeners.append(app.state.generation_cache.invalidate)
     errors.install(app)
     for module in (generations, datasets, health):
         app.include_router(module.router)

@@ -1,4 +1,7 @@
-"""Typed dependencies of the routes: the control plane and the caller's role."""
+"""Typed dependencies of the routes: the control plane and the caller's role.
+
+They are ``async``: they never block, and a sync dependency would cost each request a trip to the threadpool.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +15,14 @@ from service.control import ControlPlane
 bearer = HTTPBearer(auto_error=False, description="an API token: read-only or read-write")
 
 
-def get_control(request: Request) -> ControlPlane:
+async def get_control(request: Request) -> ControlPlane:
     return request.app.state.control
 
 
 ControlDep = Annotated[ControlPlane, Depends(get_control)]
 
 
-def role(control: ControlDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+async def role(control: ControlDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
     if credentials is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -30,7 +33,7 @@ def role(control: ControlDep, credentials: Annotated[HTTPAuthorizationCredential
     return found
 
 
-def require_write(caller: Annotated[str, Depends(role)]) -> str:
+async def require_write(caller: Annotated[str, Depends(role)]) -> str:
     if caller != "write":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this token may only read")
     return caller

@@ -33,7 +33,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> None:
         jobs = Jobs(head.dashboard_url, head.token)
     control = ControlPlane(settings, Store(settings.database), jobs, tokens)
     try:
-        uvicorn.run(create_app(control), host=settings.host, port=settings.port, log_level="info")
+        # No access log: GET /metrics counts and times every request by route and status instead.
+        uvicorn.run(create_app(control), host=settings.host, port=settings.port, log_level="info", access_log=False)
     finally:
         # A clean stop takes the local head down with it; after a crash the head (and its jobs) keep running and
         # the next start reuses them.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 from alembic import command
@@ -111,6 +111,8 @@ class Store:
     def __init__(self, url: str):
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Called with a generation's id after each change this process makes to it (cache invalidation).
+        self.listeners: list[Callable[[str], None]] = []
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -168,7 +170,10 @@ class Store:
             )
             if result.rowcount != 1:
                 raise StaleWrite(f"generation {generation.id} changed since version {generation.version}")
-            return s.get(Generation, generation.id, populate_existing=True)
+            updated = s.get(Generation, generation.id, populate_existing=True)
+        for listener in self.listeners:
+            listener(generation.id)
+        return updated
 
     def count_by_stage(self) -> dict[str, int]:
         with self.sessions() as s:

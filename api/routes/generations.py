@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 
 from api.deps import ControlDep, Reader, Writer
 from api.schemas import (GenerationAccepted, GenerationCreate, GenerationPublic, GenerationQuery, GenerationsPublic,
@@ -61,10 +63,37 @@ def list_generations(control: ControlDep, query: Annotated[GenerationQuery, Quer
     return GenerationsPublic(data=[public(g) for g in rows], count=count)
 
 
-@router.get("/{generation_id}", dependencies=[Reader], responses={**AUTH, 404: {"model": Problem}})
-def get_generation(generation_id: GenerationId, control: ControlDep) -> GenerationPublic:
+class ResponseCache:
+    """Serialized generations for up to ``ttl`` seconds: clients poll this endpoint, and most polls find
+    nothing changed. A change made by this process drops the entry at once; one made by another replica
+    shows within ``ttl``."""
+
+    def __init__(self, ttl: float = 1.0):
+        self.ttl, self.entries = ttl, {}
+
+    def get(self, key: str) -> bytes | None:
+        entry = self.entries.get(key)
+        return entry[1] if entry and entry[0] > time.monotonic() else None
+
+    def put(self, key: str, body: bytes) -> None:
+        if len(self.entries) > 10_000:
+            self.entries.clear()
+        self.entries[key] = (time.monotonic() + self.ttl, body)
+
+    def invalidate(self, key: str) -> None:
+        self.entries.pop(key, None)
+
+
+@router.get("/{generation_id}", dependencies=[Reader], response_model=GenerationPublic,
+            responses={**AUTH, 404: {"model": Problem}})
+async def get_generation(generation_id: GenerationId, control: ControlDep, request: Request) -> Response:
     """A generation: stage, progress, Ray jobs, timings, metrics, dataset and model, or its error."""
-    return public(control.get(generation_id))
+    cache: ResponseCache = request.app.state.generation_cache
+    body = cache.get(generation_id)
+    if body is None:
+        body = (await run_in_threadpool(lambda: public(control.get(generation_id)))).model_dump_json().encode()
+        cache.put(generation_id, body)
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{generation_id}/cancel", status_code=status.HTTP_202_ACCEPTED, dependencies=[Writer],
