@@ -4,7 +4,9 @@ Each stage is a plain function over URIs; the CLI, the Ray job entry points and 
 way. Everything a stage writes goes under the generation's output folder:
 
     <output>/teacher/           model folder of a teacher trained here (generation 0)
-    <output>/labels/            predictions/*.parquet, rejects/*.parquet, labeling.json
+    <output>/spec.json          the spec, when the control plane runs the generation as Ray jobs
+    <output>/labels/            predictions/*.parquet, rejects/*.parquet, labeling.json; ledger/ and
+                                labeling-run.json (resume), source.parquet (a folder source, listed once)
     <output>/dataset/           manifest/*.parquet, stats.json
     <output>/model/             the student's model folder: the next generation's teacher
     <output>/checkpoints/       Ray Train checkpoints (resume by re-running)
@@ -96,8 +98,13 @@ def teacher_of(spec: GenerationSpec) -> str:
     return spec.teacher or storage.join(spec.output, "teacher", "model")
 
 
-def label_stage(spec: GenerationSpec, generation_id: str, dataset_id: str, progress: Progress = log.info) -> tuple[LabelResult, DatasetStats]:
-    """Label the unlabeled pool with the teacher, then curate the predictions into a manifest."""
+def label_stage(
+    spec: GenerationSpec, generation_id: str, dataset_id: str, progress: Progress = log.info,
+    timings: dict[str, float] | None = None,
+) -> tuple[LabelResult, DatasetStats]:
+    """Label the unlabeled pool with the teacher, then curate the predictions into a manifest; the seconds
+    of each go into ``timings`` (labeling, curation)."""
+    timings = {} if timings is None else timings
     teacher_uri = teacher_of(spec)
     teacher_meta = models.load_meta(teacher_uri)
     progress(f"{generation_id}: labeling {spec.unlabeled} with {teacher_meta.architecture}")
@@ -105,8 +112,9 @@ def label_stage(spec: GenerationSpec, generation_id: str, dataset_id: str, progr
     labels_uri = storage.join(spec.output, "labels")
     with LabelingProgress(spec.unlabeled, labels_uri, progress_uri(spec.output)):
         labeling = label(spec.unlabeled, teacher_uri, labels_uri, spec.label, teacher_id=teacher_uri)
+    timings["labeling"] = time.time() - t
     progress(f"{generation_id}: {labeling.predicted} labeled, {sum(labeling.rejected.values())} rejected "
-             f"{labeling.rejected or ''} in {time.time() - t:.0f}s")
+             f"{labeling.rejected or ''} in {timings['labeling']:.0f}s")
     t = time.time()
     storage.write_json(progress_uri(spec.output), {"phase": "curating", "time": time.time()})
     dataset = curate(
@@ -118,8 +126,9 @@ def label_stage(spec: GenerationSpec, generation_id: str, dataset_id: str, progr
         rejected=labeling.rejected,
         teacher=teacher_uri,
     )
+    timings["curation"] = time.time() - t
     progress(f"{generation_id}: curated {dataset.manifest_rows} images ({dataset.manifest_copies} with copies), "
-             f"K={dataset.images_per_class}, in {time.time() - t:.0f}s")
+             f"K={dataset.images_per_class}, in {timings['curation']:.0f}s")
     if dataset.manifest_rows == 0:
         raise ValueError(f"{generation_id}: no pseudo-label passed the confidence floor {spec.curation.confidence_floor}")
     return labeling, dataset
@@ -154,9 +163,7 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
         t = time.time()
         teacher_result = teacher_stage(spec)
         timings["teacher"] = time.time() - t
-    t = time.time()
-    labeling, dataset = label_stage(spec, generation_id, f"{generation_id}-dataset", progress)
-    timings["labeling"] = time.time() - t
+    labeling, dataset = label_stage(spec, generation_id, f"{generation_id}-dataset", progress, timings)
     progress(f"{generation_id}: training student {spec.student.architecture} for {spec.student.steps} steps")
     t = time.time()
     student = student_stage(spec, dataset)

@@ -60,11 +60,13 @@ def test_idempotency_key_replays_and_refuses_a_different_body(client, digits_roo
         ({"eval": "s3://someone-elses-bucket/x"}, "eval", "is not under an allowed source root"),
         ({"unlabeled": "{root}/missing"}, "unlabeled", "does not exist"),
         ({"labeled": "{root}/unlabeled"}, "labeled", "is not an ImageFolder"),
+        ({"labeled": "{root}/empty"}, "labeled", "is not an ImageFolder"),
         ({"teacher": "g-0123456789abcdef"}, "teacher", "no generation g-0123456789abcdef"),
         ({"teacher": "{root}/labeled"}, "teacher", "is not a model folder"),
     ],
 )
 def test_bad_sources_are_422_naming_the_field_before_anything_runs(client, digits_root, change, field, message):
+    (digits_root / "empty").mkdir(exist_ok=True)
     body = request(digits_root, **{k: v.format(root=digits_root) for k, v in change.items()})
     r = client.post("/generations", json=body, headers=WRITE)
     assert r.status_code == 422, r.text

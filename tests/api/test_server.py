@@ -4,6 +4,7 @@ One generation trains a teacher, labels the pool, curates and fits a student; a 
 first, is interrupted by SIGKILL of the server and finishes after a restart, each of its jobs run once.
 """
 
+import json
 import time
 
 import httpx
@@ -34,10 +35,23 @@ def server(tmp_path_factory, digits_root):
     s.stop()
     head = data_dir / "ray" / "head.json"
     if head.exists():  # the head is left running only if the server could not stop it; never leak it
-        cluster.stop_head(cluster.Head(**__import__("json").loads(head.read_text())))
+        cluster.stop_head(cluster.Head(**json.loads(head.read_text())))
+
+
+def sources(digits_root, **kw) -> dict:
+    return {"labeled": str(digits_root / "labeled"), "unlabeled": str(digits_root / "unlabeled"),
+            "eval": str(digits_root / "test"), "curation": {"confidence_floor": 0.15}, **kw}
+
+
+def ray_jobs(server, generation_id) -> dict:
+    """The Ray jobs of a generation, by submission id, as the head the server started knows them."""
+    head = cluster.Head(**json.loads((server.data_dir / "ray" / "head.json").read_text()))
+    client = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"})
+    return {j.submission_id: j for j in client.list_jobs() if j.submission_id.startswith(generation_id)}
 
 
 def wait(server, generation_id, until, timeout=900):
+    """Poll until ``until(generation)``; a generation that fails or is cancelled on the way fails the test."""
     deadline, seen = time.time() + timeout, []
     while time.time() < deadline:
         g = httpx.get(f"{server.url}/generations/{generation_id}", headers=READ, timeout=10).json()
@@ -45,15 +59,13 @@ def wait(server, generation_id, until, timeout=900):
             seen.append(g["stage"])
         if until(g):
             return g, seen
-        assert g["stage"] not in ("failed", "cancelled"), g["error"]
+        assert g["stage"] != "failed" and (g["stage"] != "cancelled" or g["cancel_requested"]), g["error"]
         time.sleep(0.5)
     raise TimeoutError(f"{generation_id}: stages {seen}\n{server.log()[-3000:]}")
 
 
 def test_a_generation_end_to_end(server, digits_root):
-    body = {"labeled": str(digits_root / "labeled"), "unlabeled": str(digits_root / "unlabeled"),
-            "eval": str(digits_root / "test"), "teacher_config": train(30), "student": train(20),
-            "curation": {"confidence_floor": 0.15}}
+    body = sources(digits_root, teacher_config=train(30), student=train(20))
     r = httpx.post(f"{server.url}/generations", json=body, headers=WRITE, timeout=30)
     assert r.status_code == 202, r.text
     gid = r.json()["id"]
@@ -93,8 +105,7 @@ def test_a_restart_in_the_middle_finishes_the_generation_once(server, digits_roo
     gid = getattr(server, "first_generation", None)
     if gid is None:
         pytest.skip("needs the first generation's model")
-    body = {"teacher": gid, "labeled": str(digits_root / "labeled"), "unlabeled": str(digits_root / "unlabeled"),
-            "eval": str(digits_root / "test"), "student": train(40), "curation": {"confidence_floor": 0.15}}
+    body = sources(digits_root, teacher=gid, student=train(40))
     r = httpx.post(f"{server.url}/generations", json=body, headers={**WRITE, "Idempotency-Key": "restart-test"})
     second = r.json()["id"]
     wait(server, second, lambda g: g["stage"] in ("training", "evaluating") and g["progress"].get("step"))
@@ -107,12 +118,25 @@ def test_a_restart_in_the_middle_finishes_the_generation_once(server, digits_roo
     g, _ = wait(server, second, lambda g: g["stage"] == "succeeded")
     assert g["parent_id"] is None and g["teacher_uri"].endswith(f"{gid}/model")
 
-    head = cluster.Head(**__import__("json").loads((server.data_dir / "ray" / "head.json").read_text()))
-    jobs = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"}).list_jobs()
-    mine = [j for j in jobs if j.submission_id.startswith(second)]
+    mine = list(ray_jobs(server, second).values())
     assert sorted(j.submission_id for j in mine) == [f"{second}-label", f"{second}-train"]
     assert all(j.status.value == "SUCCEEDED" for j in mine)
     # Neither job was started again after the restart: both began before the kill.
     assert all(j.start_time / 1000 < killed_at for j in mine)
     # The student ran straight through: no resume from a checkpoint.
     assert g["metrics"]["resumed_from_step"] == 0
+
+
+def test_cancel_stops_the_running_job(server, digits_root):
+    gid = getattr(server, "first_generation", None)
+    if gid is None:
+        pytest.skip("needs the first generation's model")
+    body = sources(digits_root, teacher=gid, student=train(400))
+    third = httpx.post(f"{server.url}/generations", json=body, headers=WRITE).json()["id"]
+    wait(server, third, lambda g: g["stage"] in ("labeling", "curating", "training"))
+    r = httpx.post(f"{server.url}/generations/{third}/cancel", headers=WRITE)
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    g, _ = wait(server, third, lambda g: g["stage"] == "cancelled", timeout=300)
+    assert g["error"] == "cancelled on request" and g["model_uri"] is None
+    statuses = {sid: j.status.value for sid, j in ray_jobs(server, third).items()}
+    assert "STOPPED" in statuses.values() and not {"PENDING", "RUNNING"} & set(statuses.values()), statuses
