@@ -119,7 +119,8 @@ class ControlPlane:
         return self.store.chain(first.chain_id)
 
     def _check(self, config: GenerationConfig) -> tuple[str | None, str | None]:
-        """Every source readable, inside the allowed roots, and non-empty; returns (teacher URI, parent id)."""
+        """Every source readable, inside the allowed roots, and non-empty; returns (teacher URI, parent id):
+        a teacher given as a generation id is its parent, whose model URI is known once it succeeded."""
         labeled = self.source("labeled", config.labeled)
         self.source("unlabeled", config.unlabeled)
         eval_ = self.source("eval", config.eval)
@@ -131,10 +132,8 @@ class ControlPlane:
                     raise InvalidRequest("teacher", f"no generation {config.teacher}")
                 if parent.stage in ("failed", "cancelled"):
                     raise InvalidRequest("teacher", f"generation {config.teacher} {parent.stage}: it has no model")
-                if parent.stage == "succeeded":
-                    teacher = parent.model_uri
-                else:
-                    parent_id = parent.id  # waits for its model
+                parent_id = parent.id  # its model teaches, once it has one
+                teacher = parent.model_uri
             else:
                 teacher = self.source("teacher", config.teacher)
             if teacher is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from curation import sources
 from curation.stats import DatasetStats
 from service import storage
 from service.pipeline import progress_uri
@@ -131,13 +132,30 @@ class Orchestrator:
             if parent.stage != "succeeded":
                 return
             teacher = parent.model_uri
-        spec = GenerationSpec.model_validate({**g.spec, "teacher": teacher, "output": g.output})
+        spec = GenerationSpec.model_validate(
+            {**g.spec, "teacher": teacher, "output": g.output, "unlabeled": self._listed(g) or g.spec["unlabeled"]}
+        )
         storage.write_json(spec_uri(g.output), spec.model_dump(mode="json"))
         teacher_uri = teacher or storage.join(g.output, "teacher", "model")
         if teacher is None:
             self._submit(g, "teacher", "training_teacher", teacher_uri=teacher_uri)
         else:
             self._submit(g, "label", "labeling", teacher_uri=teacher_uri)
+
+    def _listed(self, g: Generation) -> str | None:
+        """The manifest the teacher generation made of the same unlabeled folder: a folder is listed once
+        per chain, not once per generation (listing a bucket of 100M objects takes hours)."""
+        if not g.parent_id or sources.is_manifest(g.spec["unlabeled"]):
+            return None
+        parent = self.store.get(g.parent_id)
+        if parent is None or parent.spec.get("unlabeled") != g.spec["unlabeled"]:
+            return None
+        try:
+            used = storage.read_json(spec_uri(parent.output))["unlabeled"]
+        except (OSError, ValueError, KeyError):
+            return None
+        listed = used if sources.is_manifest(used) else storage.join(parent.output, "labels", "source.parquet")
+        return listed if storage.exists(listed) else None
 
     def _submit(self, g: Generation, kind: str, stage: str, **changes: Any) -> Generation:
         submission_id = f"{g.id}-{kind}"

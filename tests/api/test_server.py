@@ -6,6 +6,7 @@ first, is interrupted by SIGKILL of the server and finishes after a restart, eac
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pyarrow.dataset as pads
@@ -116,7 +117,10 @@ def test_a_restart_in_the_middle_finishes_the_generation_once(server, digits_roo
     again = httpx.post(f"{server.url}/generations", json=body, headers={**WRITE, "Idempotency-Key": "restart-test"})
     assert again.status_code == 202 and again.json()["id"] == second
     g, _ = wait(server, second, lambda g: g["stage"] == "succeeded")
-    assert g["parent_id"] is None and g["teacher_uri"].endswith(f"{gid}/model")
+    assert g["parent_id"] == gid and g["teacher_uri"].endswith(f"{gid}/model")
+    # The same unlabeled folder is not listed again: the labeling job read the first generation's listing.
+    assert g["spec"]["unlabeled"] == str(digits_root / "unlabeled")
+    assert json.loads(Path(g["output"], "spec.json").read_text())["unlabeled"].endswith(f"{gid}/labels/source.parquet")
 
     mine = list(ray_jobs(server, second).values())
     assert sorted(j.submission_id for j in mine) == [f"{second}-label", f"{second}-train"]
