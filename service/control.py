@@ -10,7 +10,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 import sqlalchemy as sa
@@ -66,6 +66,7 @@ class ControlPlane:
     def __init__(self, settings: Settings, store: Store, jobs: Jobs, tokens: Tokens):
         self.settings, self.store, self.jobs, self.tokens = settings, store, jobs, tokens
         self.orchestrator = Orchestrator(store, jobs, settings.poll_seconds)
+        self.on_stop: list[Callable[[], object]] = []  # run after the orchestrator stops
 
     def start(self) -> None:
         self.store.migrate()
@@ -74,6 +75,8 @@ class ControlPlane:
     def stop(self) -> None:
         self.orchestrator.stop()
         self.store.close()
+        for hook in self.on_stop:
+            hook()
 
     # generations
 

@@ -103,6 +103,15 @@ class Jobs:
         except Exception as e:
             raise self._unavailable(e) from e
 
+    def stop_all(self) -> None:
+        """Stop every job still pending or running (before the cluster itself is stopped)."""
+        try:
+            for job in self.client.list_jobs():
+                if job.submission_id and job.status not in TERMINAL:
+                    self.stop(job.submission_id)
+        except Exception as e:
+            log.warning("could not stop the cluster's jobs: %s", e)
+
     def _unavailable(self, e: Exception) -> RayUnavailable:
         self._client = None  # reconnect next time
         if isinstance(e, RayUnavailable):

@@ -32,11 +32,10 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> None:
         log(f"Ray dashboard and Jobs API at {head.dashboard_url}")
         jobs = Jobs(head.dashboard_url, head.token)
     control = ControlPlane(settings, Store(settings.database), jobs, tokens)
-    try:
-        # No access log: GET /metrics counts and times every request by route and status instead.
-        uvicorn.run(create_app(control), host=settings.host, port=settings.port, log_level="info", access_log=False)
-    finally:
-        # A clean stop takes the local head down with it; after a crash the head (and its jobs) keep running and
-        # the next start reuses them.
-        if head is not None:
-            cluster.stop_head(head)
+    if head is not None:
+        # A clean stop (SIGTERM, Ctrl-C) takes the local head down with it, its jobs first; after a crash the
+        # head and its jobs keep running and the next start reuses them. This runs in the app's shutdown,
+        # because uvicorn re-raises the signal once it has shut down: code after uvicorn.run never runs.
+        control.on_stop.append(lambda: (jobs.stop_all(), cluster.stop_head(head)))
+    # No access log: GET /metrics counts and times every request by route and status instead.
+    uvicorn.run(create_app(control), host=settings.host, port=settings.port, log_level="info", access_log=False)

@@ -34,9 +34,9 @@ def server(tmp_path_factory, digits_root):
                           "NSTUDENT_RAY_NUM_CPUS": "2"})
     yield s.start()
     s.stop()
-    head = data_dir / "ray" / "head.json"
-    if head.exists():  # the head is left running only if the server could not stop it; never leak it
-        cluster.stop_head(cluster.Head(**json.loads(head.read_text())))
+    head = cluster.Head(**json.loads((data_dir / "ray" / "head.json").read_text()))
+    if cluster._alive(head.pid):  # only when a test failed before the server could stop it: never leak it
+        cluster.stop_head(head)
 
 
 def sources(digits_root, **kw) -> dict:
@@ -144,3 +144,25 @@ def test_cancel_stops_the_running_job(server, digits_root):
     assert g["error"] == "cancelled on request" and g["model_uri"] is None
     statuses = {sid: j.status.value for sid, j in ray_jobs(server, third).items()}
     assert "STOPPED" in statuses.values() and not {"PENDING", "RUNNING"} & set(statuses.values()), statuses
+
+
+def test_a_clean_stop_stops_the_local_head_and_its_jobs(server, digits_root):
+    gid = getattr(server, "first_generation", None)
+    if gid is None:
+        pytest.skip("needs the first generation's model")
+    body = sources(digits_root, teacher=gid, student=train(400))
+    running = httpx.post(f"{server.url}/generations", json=body, headers=WRITE).json()["id"]
+    wait(server, running, lambda g: g["stage"] in ("labeling", "curating", "training"))
+    head = cluster.Head(**json.loads((server.data_dir / "ray" / "head.json").read_text()))
+    server.stop()  # SIGTERM
+    assert server.proc.returncode is not None and not cluster._alive(head.pid)
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                 if p.exists() and (running.encode() in _read(p) or head.temp_dir.encode() in _read(p))]
+    assert leftovers == [], [_read(p) for p in leftovers]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended while we looked
+        return b""
