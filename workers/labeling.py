@@ -18,20 +18,24 @@ import logging
 import os
 import uuid
 from collections import Counter
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
 from pydantic import BaseModel, Field
 
 from curation import imaging, schema, sources
 from service import storage
-from trainer import models
 from workers import ledger
+
+# torch and timm (trainer.models) are imported where a model is used, in the actors and the driver, never at
+# module level: every read, decode and write task imports this module, and importing them takes a new worker
+# process 5 s of CPU and 1 GB of memory on a small node (docs/benchmarks.md).
+if TYPE_CHECKING:
+    from trainer.models import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,10 @@ class TeacherPredictor:
     """A teacher model in an actor: pixels in, top-k soft labels out."""
 
     def __init__(self, model_uri: str, teacher_id: str, top_k: int, torch_threads: int | None):
+        import torch
+
+        from trainer import models
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(torch_threads or os.cpu_count() or 1)
@@ -115,6 +123,10 @@ class TeacherPredictor:
         self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        from trainer import models
+
         ok = batch["reason"] == ""
         n_ok = int(ok.sum())
         probs = np.zeros((n_ok, self.top_k), dtype=np.float32)
@@ -241,6 +253,8 @@ def label(
     or ``restart``, clears the outputs first. A folder is listed once: files added to it later are labeled by
     a run with ``restart`` (or into a new ``out_uri``).
     """
+    from trainer import models
+
     config = config or LabelConfig()
     meta = models.load_meta(model_uri)
     run = {
@@ -285,7 +299,7 @@ def _labeling_dataset(
     todo: np.ndarray,
     skip_ids: np.ndarray,
     model_uri: str,
-    meta: models.ModelMeta,
+    meta: ModelMeta,
     config: LabelConfig,
     teacher_id: str,
 ) -> ray.data.Dataset:
