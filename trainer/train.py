@@ -34,6 +34,8 @@ from trainer.models import ModelMeta
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+# Steps left out of the steady-state throughput: the first batches wait for the data streams to fill.
+STEADY_AFTER_STEPS = 5
 
 
 class TrainResult(BaseModel):
@@ -86,6 +88,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     labeled = batches("labeled", config.batch_size)
     pseudo = batches("pseudo", config.unlabeled_batch_size) if cfg["has_pseudo"] else None
     started, seen, loss_sum = time.time(), 0, 0.0
+    steady_from, steady_seen, last_step_at = None, 0, started
     model.train()
     for parts in zip(labeled, pseudo) if pseudo is not None else ((b,) for b in labeled):
         if step >= config.steps:
@@ -102,6 +105,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         ema.update(model, step=step)
         seen += len(pixels)
         loss_sum += loss.item()
+        last_step_at = time.time()
+        if step == resumed_from + STEADY_AFTER_STEPS:
+            steady_from, steady_seen = last_step_at, seen
         if step % config.checkpoint_every == 0 or step == config.steps:
             metrics = {"step": step, "loss": loss_sum / config.checkpoint_every,
                        "images_per_second": seen * world / (time.time() - started)}
@@ -123,6 +129,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         _write_progress(cfg, phase="evaluating", step=step, steps=config.steps)
     metrics = _evaluate(ema.module, meta, device, world)
     metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
+    if steady_from is not None and last_step_at > steady_from:
+        metrics["train_steady_images_per_second"] = (seen - steady_seen) * world / (last_step_at - steady_from)
+    metrics["train_loop_seconds"] = last_step_at - started
     metrics["resumed_from_step"] = float(resumed_from)
     if rank == 0:
         models.save(ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
