@@ -3,7 +3,7 @@
     .venv/bin/python bench/api_latency.py [--clients 50] [--seconds 60] [--interval 0.1]
 
 Starts `nstudent serve` (local Ray head, SQLite) on the bundled digits, posts a generation, waits until its
-first Ray job is running, then drives the endpoint with N clients on keep-alive connections: first each
+first Ray job reports progress (its workers are up), then drives the endpoint with N clients on keep-alive connections: first each
 polling every --interval seconds, then each sending its next request the moment the last one answered.
 Prints p50/p95/p99/max latency and requests per second of both as JSON.
 """
@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -39,7 +40,8 @@ async def client(url: str, until: float, interval: float, latencies: list[float]
     parsed = urlparse(url)
     reader, writer = await asyncio.open_connection(parsed.hostname, parsed.port)
     request = f"GET {parsed.path} HTTP/1.1\r\nHost: {parsed.hostname}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
-    next_send = time.perf_counter()
+    # Pollers are not in step with each other: each starts at a random point of its interval.
+    next_send = time.perf_counter() + random.uniform(0, interval)
     try:
         while next_send < until:
             if interval:
@@ -96,8 +98,11 @@ def main() -> None:
                 "eval": str(root / "digits/test"), "teacher_config": train, "student": train}
         gid = httpx.post(f"{server.url}/generations", json=body, headers=auth, timeout=30).json()["id"]
         url = f"{server.url}/generations/{gid}"
-        while (before := httpx.get(url, headers=auth).json()["stage"]) == "queued":
+        # Measure while the job is in its stride: its Ray workers have started and report progress.
+        while not (g := httpx.get(url, headers=auth).json())["progress"].get("phase"):
+            assert g["stage"] not in ("failed", "cancelled"), g["error"]
             time.sleep(0.5)
+        before = g["stage"]
         # Clients polling every `interval` (what a dashboard or a CLI waiting on a job does), then clients
         # sending their next request the moment the last one answered (the saturation point).
         polling = asyncio.run(drive(url, args.clients, args.seconds, args.interval))

@@ -52,6 +52,10 @@ def connect(
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Niceness of a local head started by the control plane (0 = the server's own priority, 19 = the lowest).
+HEAD_NICENESS = 10
+
+
 @dataclass
 class Head:
     """A Ray head started by ``start_head``: its addresses, token and the ``ray start --block`` process."""
@@ -130,7 +134,10 @@ def start_head(
     }
     env.pop("RAY_ADDRESS", None)
     log_file = open(state / "head.log", "ab")
-    proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    # The head and every Ray process under it run at a lower CPU priority than the API server on the same
+    # machine: jobs still take every idle core, but a saturated machine keeps answering API calls quickly.
+    proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: os.nice(HEAD_NICENESS))
     head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", token, proc.pid, temp_dir)
     deadline = time.time() + timeout
     while not _head_ready(head):
