@@ -1,0 +1,303 @@
+"""Shared pieces of the benchmarks: the machine record, a private local Ray cluster, a memory sampler over a
+process tree, measured phases in child processes, and synthetic photo-like JPEGs.
+
+Every benchmark runs each measured phase in its own child process (``python bench/<name>.py --phase ...``),
+so that one phase's memory, threads or Ray cluster never leaks into the next, and the parent samples the
+child's whole process tree (a local Ray cluster's processes are all descendants of its driver).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Where generated inputs are kept between runs (JPEG pools, synthetic predictions): regenerating them is slow.
+DATA_DIR = Path(os.environ.get("NSTUDENT_BENCH_DATA", "/tmp/nstudent-bench"))
+# Memory is sampled this often (seconds).
+SAMPLE_SECONDS = 0.2
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on, and how busy the machine was when the run started."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The benchmark's result: one JSON document on stdout (phases print theirs as the last line)."""
+    print(json.dumps(result, indent=2, default=float), flush=True)
+
+
+@contextmanager
+def ray_cluster(num_cpus: int = 2):
+    """A private local Ray cluster (never attaches to another one on the machine), shut down on exit."""
+    import ray
+
+    from service import cluster
+
+    # Ray's socket paths must stay short: a temp dir directly under /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="nstb-", dir="/tmp")
+    os.environ.pop("RAY_ADDRESS", None)
+    try:
+        cluster.connect("local", num_cpus=num_cpus, temp_dir=temp_dir)
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc (Linux)."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # the command name may hold spaces
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(tree.get(p, []))
+    return out
+
+
+def _name(pid: int) -> str:
+    """A process's command line, shortened (Ray names its workers ``ray::<task or actor>``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return str(pid)
+    first = os.path.basename(args[0].decode(errors="replace"))
+    if first.startswith("ray::") or len(args) < 2:
+        return first
+    return f"{first} {os.path.basename(args[1].decode(errors='replace'))}"[:60]
+
+
+def _memory_kib(pid: int, *, pss: bool) -> tuple[int, int]:
+    """(RSS, PSS) of a process in KiB; PSS is 0 unless asked for."""
+    rss = proportional = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                    break
+        if pss:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        proportional = int(line.split()[1])
+                        break
+    except OSError:  # the process ended between the listing and the read
+        pass
+    return rss, proportional
+
+
+class TreeMemory:
+    """Samples the summed memory of a process and all its descendants every SAMPLE_SECONDS, in a thread.
+
+    ``rss`` double-counts pages that several processes share (the Ray object store is shared memory mapped
+    into every worker that touches it); ``pss`` splits each shared page between the processes that map it,
+    so it adds up to the memory actually used. Reading PSS is slow (about 10 ms per large process), so it is
+    sampled every PSS_EVERY-th time only; RSS every time.
+    """
+
+    PSS_EVERY = 10
+
+    def __init__(self, pid: int, *, pss: bool = True):
+        self.pid = pid
+        self.pss = pss
+        self.peak_rss = self.peak_pss = 0
+        self.peak_processes = 0
+        self.samples = 0
+        self.at_peak: list[tuple[str, float]] = []  # (process, RSS MiB) at the peak of the summed RSS
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        pids = tree_pids(self.pid)
+        with_pss = self.pss and self.samples % self.PSS_EVERY == 0
+        rss = pss = 0
+        per_process = []
+        for p in pids:
+            r, q = _memory_kib(p, pss=with_pss)
+            rss, pss = rss + r, pss + q
+            per_process.append((r, p))
+        self.samples += 1
+        if rss * 1024 > self.peak_rss:
+            self.peak_rss = rss * 1024
+            self.at_peak = [(_name(p), round(r / 1024, 1)) for r, p in sorted(per_process, reverse=True)]
+        self.peak_pss = max(self.peak_pss, pss * 1024)
+        self.peak_processes = max(self.peak_processes, len(pids))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def report(self) -> dict[str, Any]:
+        out = {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "samples": self.samples,
+               "peak_processes": self.peak_processes}
+        if self.pss:
+            out["peak_pss_mib"] = round(self.peak_pss / 2**20, 1)
+        out["rss_mib_at_peak"] = [f"{name}: {mib}" for name, mib in self.at_peak]
+        return out
+
+
+def run_phase(script: str, args: list[str], *, memory: bool = False, timeout: float = 900) -> dict[str, Any]:
+    """Run ``python <script> --phase ...`` in a child process; return the JSON it prints last, with the peak
+    memory of its process tree under ``memory`` when asked."""
+    cmd = [sys.executable, script, *args]
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeMemory(proc.pid) if memory else None
+    if sampler:
+        sampler.__enter__()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{err[-4000:]}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{' '.join(args)} printed no result:\n{out[-2000:]}\n{err[-2000:]}")
+    result = json.loads(lines[-1])
+    result["process_seconds"] = round(time.time() - started, 2)
+    if sampler:
+        result["memory"] = sampler.report()
+    return result
+
+
+def phase_result(result: dict[str, Any]) -> None:
+    """What a phase hands back to its parent: one JSON line on stdout."""
+    print(json.dumps(result, default=float), flush=True)
+
+
+def photo_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90) -> bytes:
+    """A JPEG that compresses and decodes like a photo: smooth structure plus fine grain (pure noise would be
+    several times larger and slower to decode than a photo; a flat image, much smaller and faster)."""
+    from PIL import Image
+
+    small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    grain = rng.normal(0, 12, (height, width, 3)).astype(np.int16)
+    img = Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _write_jpegs(job: tuple[str, int, int, int, int, int]) -> list[str]:
+    folder, start, stop, width, height, seed = job
+    rng = np.random.default_rng([seed, start])
+    paths = []
+    for i in range(start, stop):
+        path = os.path.join(folder, f"{i // 1000:04d}", f"img{i:07d}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(photo_jpeg(rng, width, height))
+        paths.append(path)
+    return paths
+
+
+def jpeg_pool(name: str, count: int, width: int, height: int, *, seed: int = 0) -> list[str]:
+    """``count`` photo-like JPEGs under DATA_DIR/name (made once; a pool of at least as many with the same
+    parameters is reused)."""
+    folder = DATA_DIR / name
+    stamp = folder / "pool.json"
+    params = {"count": count, "width": width, "height": height, "seed": seed}
+    if stamp.exists():
+        made = json.loads(stamp.read_text())
+        if made["count"] >= count and {**made, "count": count} == params:
+            return json.loads((folder / "paths.json").read_text())[:count]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    from concurrent.futures import ProcessPoolExecutor
+
+    step = 2000
+    jobs = [(str(folder), a, min(a + step, count), width, height, seed) for a in range(0, count, step)]
+    with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        paths = [p for part in pool.map(_write_jpegs, jobs) for p in part]
+    (folder / "paths.json").write_text(json.dumps(paths))
+    stamp.write_text(json.dumps(params))
+    return paths
+
+
+def manifest(paths: list[str], uri: str) -> str:
+    """An unlabeled-source manifest (image_id, uri), written as ``nstudent index`` writes one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation import sources
+
+    table = pa.table({"image_id": pa.array(sources.image_ids(paths)), "uri": pa.array(paths, pa.string())},
+                     schema=sources.UNLABELED_SCHEMA)
+    pq.write_table(table, uri, row_group_size=sources.INDEX_ROW_GROUP_ROWS)
+    return uri
