@@ -267,7 +267,9 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     check = {}
     if "ray" in ways:
-        pandas_out = ["--pandas-out", str(scratch / "pandas-0"), "--rows", str(args.pandas_rows)] if "pandas" in ways else []
+        pandas_out = []
+        if "pandas" in ways:
+            pandas_out = ["--pandas-out", str(scratch / "pandas-0"), "--rows", str(args.pandas_rows)]
         check = _common.run_phase(SCRIPT, ["--phase", "check", "--out", str(scratch / "ray-0"), *common, *pandas_out])
 
     def med(way: str, key: str) -> float:

@@ -5,8 +5,8 @@
 Both train the same untrained timm model (resnet18, 1,000 classes, 112x112 input, dropout 0.3, stochastic
 depth 0.2) with the same recipe (AdamW, cosine schedule with warm-up, EMA, soft-target cross-entropy, the
 same torch thread count) on the same data: each step 16 labeled images (a labeled set of 256 photo-like
-256x256 JPEGs, smoothed hard targets) and 48 pseudo-labeled ones (a manifest of 3,840 JPEGs with top-5 soft
-labels), every image decoded, resized and noised with RandAugment (2 ops, magnitude 9).
+256x256 JPEGs, smoothed hard targets) and 48 pseudo-labeled ones (a curated manifest with top-5 soft labels,
+one pass: 3,136 JPEGs for 60 steps), every image decoded, resized and noised with RandAugment (2 ops, magnitude 9).
 
 - ``ray``: ``trainer.train.train`` (Ray Data streams decoding and noising, one Ray Train worker) on a private
   2-CPU Ray cluster; the throughput is the trainer's own ``train_steady_images_per_second``.
@@ -16,14 +16,13 @@ labels), every image decoded, resized and noised with RandAugment (2 ops, magnit
 ``steady`` counts images per second after the first 5 steps (start-up excluded: data loaders filling, Ray
 Data starting its tasks), up to the last optimizer step. ``total_seconds`` is the whole call (for Ray:
 ``train()``, with its final checkpoint, the evaluation of 64 images and the model folder; the cluster is
-already up) and ``fixed_seconds`` what it took beyond the images at the steady rate: start-up and wind-down. Each way runs in its own process, in
-turn, ``--repeats`` times; medians are reported. Prints JSON.
+already up) and ``fixed_seconds`` what it took beyond the images at the steady rate: start-up and wind-down.
+Each way runs in its own process, in turn, ``--repeats`` times; medians are reported. Prints JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -245,7 +244,8 @@ def main() -> None:
     _common.emit({
         "benchmark": "training_throughput",
         "machine": machine,
-        "config": {"model": args.arch, "input_size": args.input_size, "classes": CLASSES, "source": f"{args.source_size}px JPEG",
+        "config": {"model": args.arch, "input_size": args.input_size, "classes": CLASSES,
+                   "source": f"{args.source_size}px JPEG",
                    "steps": args.steps, "labeled_per_step": args.batch_size, "pseudo_per_step": args.batch_size * 3,
                    "labeled_images": args.labeled, "pseudo_images": pseudo, "torch_threads": args.threads,
                    "plain_loader_workers_per_loader": args.loader_workers, "ray_cpus": args.cpus,
