@@ -7,15 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from curation.layout import Progress
 from curation.stats import DatasetStats
 from service.specs import GenerationConfig
+from service.states import Attempt, Stage
 
 # Offsets past any real listing (and past what a 64-bit database integer holds) are refused up front.
 MAX_OFFSET = 10**12
-
-Stage = Literal["queued", "training_teacher", "labeling", "curating", "training", "evaluating",
-                "succeeded", "failed", "cancelled"]
-
 
 class Page(BaseModel):
     """Paging query parameters; an unknown parameter (a typo such as `limt`) is a 422, not silently ignored."""
@@ -47,14 +45,6 @@ class GenerationCreate(GenerationConfig):
     iterations: int = Field(1, ge=1, le=20, description="generations to chain, each taught by the one before")
 
 
-class Progress(BaseModel):
-    phase: str | None = Field(None, description="labeling, curating, training or evaluating")
-    done: int | None = Field(None, description="images labeled (predicted or rejected) so far")
-    total: int | None = Field(None, description="images in the unlabeled source")
-    step: int | None = Field(None, description="training steps done")
-    steps: int | None = Field(None, description="training steps in all")
-
-
 class StageTiming(BaseModel):
     started: dt.datetime
     finished: dt.datetime | None = None
@@ -76,7 +66,11 @@ class GenerationPublic(BaseModel):
     teacher_uri: str | None
     model_uri: str | None = Field(description="the student's model folder once it succeeded")
     dataset_id: str | None
-    jobs: dict[str, str] = Field(description="Ray job submission ids by kind: teacher, label, train")
+    jobs: dict[str, list[Attempt]] = Field(
+        description="by kind (teacher, label, train): every attempt of the job, its Ray submission id, status and "
+        "the cause of its failure"
+    )
+    retries: int = Field(description="times a user asked to run it again after it failed or was cancelled")
     progress: Progress
     timings: dict[str, StageTiming] = Field(description="per stage: when it started and finished")
     metrics: dict[str, float] = Field(description="the student's evaluation: test_accuracy, ...")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -78,45 +79,63 @@ job_app = typer.Typer(help="Ray job entry points: what the control plane submits
 app.add_typer(job_app, name="job")
 
 
-def _job_spec(spec_uri: str):
-    from service import cluster, storage
+AttemptId = typer.Option("", help="Ray submission id of this attempt: error.json goes under jobs/<it>/")
+
+
+@contextlib.contextmanager
+def _job(spec_uri: str, attempt_id: str):
+    """The generation's spec, on a connected cluster. An exception that ends the job is reported first in the
+    attempt's ``error.json`` (user error or infrastructure), which tells the control plane whether to retry."""
+    from service import cluster, failures, storage
     from service.specs import GenerationSpec
 
-    spec = GenerationSpec.model_validate(storage.read_json(spec_uri))
-    cluster.connect()
-    return spec
+    output = spec_uri.rsplit("/", 1)[0]  # the spec lies in the output folder; until it is read
+    try:
+        spec = GenerationSpec.model_validate(storage.read_json(spec_uri))
+        output = spec.output
+        cluster.connect()
+        yield spec
+    except BaseException as e:
+        if attempt_id and isinstance(e, Exception):
+            reported = failures.report(output, attempt_id, e)
+            console.print(f"{attempt_id}: {reported.kind} error: {reported.message}", soft_wrap=True)
+        raise
 
 
 @job_app.command("teacher")
 def job_teacher(spec: str = typer.Argument(..., help="URI of the generation's spec.json"),
-                generation_id: str = typer.Option(...)) -> None:
+                generation_id: str = typer.Option(...), attempt_id: str = AttemptId) -> None:
     """Train the teacher on the labeled source (a generation with no teacher)."""
     from service import pipeline
 
-    result = pipeline.teacher_stage(_job_spec(spec))
+    with _job(spec, attempt_id) as parsed:
+        result = pipeline.teacher_stage(parsed)
     console.print_json(result.model_dump_json())
 
 
 @job_app.command("label")
 def job_label(spec: str = typer.Argument(..., help="URI of the generation's spec.json"),
-              generation_id: str = typer.Option(...), dataset_id: str = typer.Option(...)) -> None:
+              generation_id: str = typer.Option(...), dataset_id: str = typer.Option(...),
+              attempt_id: str = AttemptId) -> None:
     """Label the unlabeled pool with the teacher and curate a manifest (Ray Data)."""
     from service import pipeline
 
-    labeling, dataset = pipeline.label_stage(_job_spec(spec), generation_id, dataset_id, _progress(time.time()))
+    with _job(spec, attempt_id) as parsed:
+        labeling, dataset = pipeline.label_stage(parsed, generation_id, dataset_id, _progress(time.time()))
     console.print_json(json.dumps({"labeling": labeling.model_dump(), "manifest": dataset.manifest_uri}))
 
 
 @job_app.command("train")
 def job_train(spec: str = typer.Argument(..., help="URI of the generation's spec.json"),
-              generation_id: str = typer.Option(...)) -> None:
+              generation_id: str = typer.Option(...), attempt_id: str = AttemptId) -> None:
     """Fit the noisy student on the labeled source and the curated manifest (Ray Train)."""
+    from curation.layout import Layout
     from curation.stats import DatasetStats
     from service import pipeline, storage
 
-    parsed = _job_spec(spec)
-    dataset = DatasetStats.model_validate(storage.read_json(storage.join(parsed.output, "dataset", "stats.json")))
-    result = pipeline.student_stage(parsed, dataset)
+    with _job(spec, attempt_id) as parsed:
+        dataset = DatasetStats.model_validate(storage.read_json(Layout(parsed.output).stats))
+        result = pipeline.student_stage(parsed, dataset)
     console.print_json(result.model_dump_json())
 
 

@@ -22,8 +22,9 @@ from service.jobs import Jobs
 from service.orchestrator import Orchestrator
 from service.settings import Settings
 from service.specs import GenerationConfig
-from service.store import TERMINAL, Dataset, Generation, StaleWrite, Store
-from trainer import models
+from service.states import Stage, check_transition
+from service.store import Dataset, Generation, StaleWrite, Store, utcnow
+from trainer.meta import ModelMeta, load_meta
 
 GENERATION_ID = r"^g-[0-9a-f]{16}$"
 DATASET_ID = r"^d-[0-9a-f]{16}$"
@@ -65,7 +66,10 @@ def api_tokens(settings: Settings) -> tuple[Tokens, Path | None]:
 class ControlPlane:
     def __init__(self, settings: Settings, store: Store, jobs: Jobs, tokens: Tokens):
         self.settings, self.store, self.jobs, self.tokens = settings, store, jobs, tokens
-        self.orchestrator = Orchestrator(store, jobs, settings.poll_seconds)
+        self.orchestrator = Orchestrator(
+            store, jobs, poll_seconds=settings.poll_seconds, max_running_jobs=settings.max_running_jobs,
+            job_attempts=settings.job_attempts, retry_backoff_seconds=settings.retry_backoff_seconds,
+        )
         self.on_stop: list[Callable[[], object]] = []  # run after the orchestrator stops
 
     def start(self) -> None:
@@ -99,8 +103,8 @@ class ControlPlane:
                 request_hash=request_hash,
                 spec={**body, "teacher": teacher if i == 0 else None},
                 output=storage.join(self.settings.storage, "generations", gid),
-                stage="queued", cancel_requested=False, jobs={}, attempts=0, progress={}, timings={}, metrics={},
-                version=0,
+                stage=Stage.QUEUED.value, cancel_requested=False, jobs={}, attempts=0, retries=0, progress={},
+                timings={}, metrics={}, version=0,
             )
             for i, gid in enumerate(ids)
         ]
@@ -141,7 +145,7 @@ class ControlPlane:
                 teacher = self.source("teacher", config.teacher)
             if teacher is not None:
                 try:
-                    class_names = models.load_meta(teacher).class_names
+                    class_names = load_meta(teacher).class_names
                 except ValueError as e:
                     raise InvalidRequest("teacher", str(e)) from None
         try:
@@ -187,7 +191,7 @@ class ControlPlane:
         """Ask the orchestrator to stop the generation's job; the generations chained after it are cancelled too."""
         for _ in range(10):
             g = self.get(generation_id)
-            if g.stage in TERMINAL:
+            if g.state.finished:
                 raise Conflict(f"generation {generation_id} already {g.stage}")
             try:
                 g = self.store.update(g, cancel_requested=True)
@@ -198,6 +202,38 @@ class ControlPlane:
             raise Conflict(f"generation {generation_id} is changing; try again")
         self.orchestrator.wake()
         return g
+
+    def retry(self, generation_id: str) -> Generation:
+        """Run a failed or cancelled generation again in its own output folder, from what its jobs left there
+        (labeled shards, a curated manifest, training checkpoints); the failed or cancelled generations
+        chained after it go again too. Asked again while that retry runs, it changes nothing."""
+        for _ in range(10):
+            g = self.get(generation_id)
+            if not g.state.finished and g.retries > 0:
+                return g  # the retry asked for before is running
+            if g.state not in (Stage.FAILED, Stage.CANCELLED):
+                raise Conflict(f"generation {generation_id} is {g.stage}: only a failed or cancelled one can be retried")
+            try:
+                g = self._requeue(g)
+                break
+            except StaleWrite:
+                continue
+        else:
+            raise Conflict(f"generation {generation_id} is changing; try again")
+        for later in self.store.later_in_chain(g):
+            if later.state in (Stage.FAILED, Stage.CANCELLED):
+                try:
+                    self._requeue(later)
+                except StaleWrite:  # moved meanwhile: it is no longer failed
+                    pass
+        self.orchestrator.wake()
+        return g
+
+    def _requeue(self, g: Generation) -> Generation:
+        check_transition(g.state, Stage.QUEUED)
+        timings = {**g.timings, Stage.QUEUED.value: {"started": utcnow().isoformat()}}
+        return self.store.update(g, stage=Stage.QUEUED.value, error=None, finished_at=None, cancel_requested=False,
+                                 retries=g.retries + 1, progress={}, timings=timings)
 
     # datasets and models
 
@@ -228,11 +264,11 @@ class ControlPlane:
                     offset = 0
         return rows
 
-    def model(self, generation_id: str) -> tuple[Generation, models.ModelMeta]:
+    def model(self, generation_id: str) -> tuple[Generation, ModelMeta]:
         g = self.get(generation_id)
         if g.model_uri is None:
             raise NotFound(f"generation {generation_id} has no model yet (stage {g.stage})")
-        return g, models.load_meta(g.model_uri)
+        return g, load_meta(g.model_uri)
 
     def ready(self) -> dict[str, str]:
         """Problems by dependency; empty when the database and Ray are reachable."""

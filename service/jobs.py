@@ -11,11 +11,11 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobSubmissionClient
+
+from service.states import JobStatus
 
 log = logging.getLogger(__name__)
-
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
 class RayUnavailable(RuntimeError):
@@ -24,12 +24,8 @@ class RayUnavailable(RuntimeError):
 
 @dataclass
 class JobState:
-    status: str  # PENDING RUNNING SUCCEEDED FAILED STOPPED, or MISSING when the cluster has no such job
+    status: JobStatus
     message: str = ""
-
-    @property
-    def finished(self) -> bool:
-        return self.status in {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 class Jobs:
@@ -77,11 +73,11 @@ class Jobs:
             info = self.client.get_job_info(submission_id)
         except RuntimeError as e:
             if "does not exist" in str(e) or "404" in str(e):
-                return JobState("MISSING")
+                return JobState(JobStatus.MISSING)
             raise self._unavailable(e) from e
         except Exception as e:
             raise self._unavailable(e) from e
-        return JobState(str(info.status.value), info.message or "")
+        return JobState(JobStatus(str(info.status.value)), info.message or "")
 
     def failure(self, submission_id: str) -> str:
         """The job's error in one line: the last exception line of its logs, else Ray's message."""
@@ -107,7 +103,7 @@ class Jobs:
         """Stop every job still pending or running (before the cluster itself is stopped)."""
         try:
             for job in self.client.list_jobs():
-                if job.submission_id and job.status not in TERMINAL:
+                if job.submission_id and JobStatus(str(job.status.value)).active:
                     self.stop(job.submission_id)
         except Exception as e:
             log.warning("could not stop the cluster's jobs: %s", e)

@@ -1,17 +1,7 @@
 """A generation, stage by stage: teacher (when needed) -> labeling -> curation -> student.
 
 Each stage is a plain function over URIs; the CLI, the Ray job entry points and the tests call them the same
-way. Everything a stage writes goes under the generation's output folder:
-
-    <output>/teacher/           model folder of a teacher trained here (generation 0)
-    <output>/spec.json          the spec, when the control plane runs the generation as Ray jobs
-    <output>/labels/            predictions/*.parquet, rejects/*.parquet, labeling.json; ledger/ and
-                                labeling-run.json (resume), source.parquet (a folder source, listed once)
-    <output>/dataset/           manifest/*.parquet, stats.json
-    <output>/model/             the student's model folder: the next generation's teacher
-    <output>/checkpoints/       Ray Train checkpoints (resume by re-running)
-    <output>/generation.json    what was done, with timings and metrics
-    <output>/progress.json      the running stage's progress (phase, done of total, step of steps)
+way. Everything a stage writes goes under the generation's output folder, laid out by ``curation.layout``.
 """
 
 from __future__ import annotations
@@ -27,6 +17,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from curation import sources
+from curation.errors import UserError
+from curation.layout import Layout, Phase, write_progress
 from curation.stats import DatasetStats
 from service import storage
 from service.specs import GenerationSpec
@@ -34,6 +26,7 @@ from trainer import models
 from trainer.config import TrainConfig
 from trainer.train import TrainResult, train
 from workers.curate import curate
+from workers import ledger
 from workers.labeling import LabelResult, label
 
 log = logging.getLogger(__name__)
@@ -70,17 +63,12 @@ def train_teacher(
         labeled=labeled_table,
         class_names=class_names,
         eval_set=eval_table,
-        model_uri=storage.join(output, "model"),
-        storage_path=storage.join(output, "checkpoints"),
+        model_uri=Layout(output).model,
+        storage_path=Layout(output).checkpoints,
         run_name=run_name,
         code_version=code_version(),
         progress_uri=progress_uri,
     )
-
-
-def progress_uri(output: str) -> str:
-    """One small JSON file per generation that the running stage rewrites as it goes."""
-    return storage.join(output, "progress.json")
 
 
 def teacher_stage(spec: GenerationSpec) -> TrainResult:
@@ -89,13 +77,13 @@ def teacher_stage(spec: GenerationSpec) -> TrainResult:
         spec.teacher_config or spec.student,
         labeled=spec.labeled,
         eval=spec.eval,
-        output=storage.join(spec.output, "teacher"),
-        progress_uri=progress_uri(spec.output),
+        output=Layout(spec.output).teacher,
+        progress_uri=Layout(spec.output).progress,
     )
 
 
 def teacher_of(spec: GenerationSpec) -> str:
-    return spec.teacher or storage.join(spec.output, "teacher", "model")
+    return spec.teacher or Layout(spec.output).teacher_model
 
 
 def label_stage(
@@ -109,17 +97,18 @@ def label_stage(
     teacher_meta = models.load_meta(teacher_uri)
     progress(f"{generation_id}: labeling {spec.unlabeled} with {teacher_meta.architecture}")
     t = time.time()
-    labels_uri = storage.join(spec.output, "labels")
-    with LabelingProgress(spec.unlabeled, labels_uri, progress_uri(spec.output)):
+    layout = Layout(spec.output)
+    labels_uri = layout.labels
+    with LabelingProgress(spec.unlabeled, layout):
         labeling = label(spec.unlabeled, teacher_uri, labels_uri, spec.label, teacher_id=teacher_uri)
     timings["labeling"] = time.time() - t
     progress(f"{generation_id}: {labeling.predicted} labeled, {sum(labeling.rejected.values())} rejected "
              f"{labeling.rejected or ''} in {timings['labeling']:.0f}s")
     t = time.time()
-    storage.write_json(progress_uri(spec.output), {"phase": "curating", "time": time.time()})
+    write_progress(layout.progress, Phase.CURATING)
     dataset = curate(
         labeling.predictions_uri,
-        storage.join(spec.output, "dataset"),
+        layout.dataset,
         teacher_meta.class_names,
         spec.curation,
         dataset_id=dataset_id,
@@ -130,7 +119,8 @@ def label_stage(
     progress(f"{generation_id}: curated {dataset.manifest_rows} images ({dataset.manifest_copies} with copies), "
              f"K={dataset.images_per_class}, in {timings['curation']:.0f}s")
     if dataset.manifest_rows == 0:
-        raise ValueError(f"{generation_id}: no pseudo-label passed the confidence floor {spec.curation.confidence_floor}")
+        raise UserError(f"{generation_id}: no pseudo-label passed the confidence floor "
+                        f"{spec.curation.confidence_floor}: lower curation.confidence_floor, or give a better teacher")
     return labeling, dataset
 
 
@@ -144,13 +134,13 @@ def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
         labeled=labeled_table,
         class_names=class_names,
         eval_set=eval_table,
-        model_uri=storage.join(spec.output, "model"),
-        storage_path=storage.join(spec.output, "checkpoints"),
+        model_uri=Layout(spec.output).model,
+        storage_path=Layout(spec.output).checkpoints,
         run_name="student",
         pseudo_manifest_uri=dataset.manifest_uri,
         pseudo_rows=dataset.manifest_copies,
         code_version=code_version(),
-        progress_uri=progress_uri(spec.output),
+        progress_uri=Layout(spec.output).progress,
     )
 
 
@@ -177,7 +167,7 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
         student=student,
         timings=timings,
     )
-    storage.write_json(storage.join(spec.output, "generation.json"), result.model_dump(mode="json"))
+    storage.write_json(Layout(spec.output).summary, result.model_dump(mode="json"))
     return result
 
 
@@ -187,8 +177,8 @@ class LabelingProgress:
     Runs in the job's driver beside Ray Data; files are immutable once written, so each footer is read once.
     """
 
-    def __init__(self, source_uri: str, labels_uri: str, out_uri: str, every: float = 5.0):
-        self.source_uri, self.labels_uri, self.out_uri, self.every = source_uri, labels_uri, out_uri, every
+    def __init__(self, source_uri: str, layout: Layout, every: float = 5.0):
+        self.source_uri, self.layout, self.every = source_uri, layout, every
         self.rows: dict[str, int] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="labeling-progress", daemon=True)
@@ -202,20 +192,19 @@ class LabelingProgress:
         self.thread.join(timeout=30)
 
     def _total(self) -> int | None:
-        manifest = self.source_uri if sources.is_manifest(self.source_uri) else storage.join(self.labels_uri, "source.parquet")
+        manifest = self.source_uri if sources.is_manifest(self.source_uri) else self.layout.source_manifest
         return _parquet_rows(manifest)
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                for part in ("predictions", "rejects"):
-                    for uri in storage.list_files(storage.join(self.labels_uri, part), suffix=".parquet"):
+                for part in (ledger.PREDICTIONS, ledger.REJECTS):
+                    for uri in storage.list_files(storage.join(self.layout.labels, part), suffix=".parquet"):
                         if uri not in self.rows:
                             rows = _parquet_rows(uri)
                             if rows is not None:
                                 self.rows[uri] = rows
-                storage.write_json(self.out_uri, {"phase": "labeling", "done": sum(self.rows.values()),
-                                                  "total": self._total(), "time": time.time()})
+                write_progress(self.layout.progress, Phase.LABELING, done=sum(self.rows.values()), total=self._total())
             except Exception:  # progress is best effort; labeling goes on
                 log.warning("labeling progress failed", exc_info=True)
 

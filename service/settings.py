@@ -87,6 +87,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
     poll_seconds: float = Field(2.0, gt=0, description="how often running generations are followed")
     max_page_size: int = Field(1000, ge=1, le=1000, description="largest `limit` of a paged listing")
+    max_running_jobs: int = Field(
+        4, ge=1, le=1000,
+        description="generations whose jobs run on the cluster at once; the others wait as `queued`",
+    )
+    job_attempts: int = Field(
+        3, ge=1, le=100,
+        description="attempts of a job that fails for an infrastructure reason (lost node, out of memory, storage "
+        "errors, a restarted Ray head) before its generation fails",
+    )
+    retry_backoff_seconds: float = Field(
+        30.0, ge=0, le=3600,
+        description="wait before the second attempt of a job; doubled for each further one, at most 10 minutes",
+    )
 
     @field_validator("read_tokens", "write_tokens", "source_roots", mode="before")
     @classmethod

@@ -16,15 +16,13 @@ from alembic.config import Config
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from service.states import TERMINAL, Attempt, JobKind, Stage
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-# A generation's stages, in order; the last three are terminal.
-STAGES = ("queued", "training_teacher", "labeling", "curating", "training", "evaluating",
-          "succeeded", "failed", "cancelled")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def utcnow() -> dt.datetime:
@@ -50,10 +48,11 @@ class Generation(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType, doc="GenerationSpec JSON; teacher may be a parent id")
     output: Mapped[str] = mapped_column(Text)
-    stage: Mapped[str] = mapped_column(String(32), default="queued", index=True)
+    stage: Mapped[str] = mapped_column(String(32), default=Stage.QUEUED, index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    jobs: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, doc="job kind -> Ray submission id")
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    jobs: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, doc="job kind -> its attempts (Attempt)")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, doc="job attempts submitted, all kinds")
+    retries: Mapped[int] = mapped_column(Integer, default=0, doc="retries a user asked for")
     progress: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, doc="stage -> {started, finished}")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
@@ -62,6 +61,17 @@ class Generation(Base):
     dataset_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def state(self) -> Stage:
+        return Stage(self.stage)
+
+    def attempts_of(self, kind: JobKind) -> list[Attempt]:
+        return [Attempt.model_validate(a) for a in self.jobs.get(kind, [])]
+
+    def with_attempts(self, kind: JobKind, attempts: list[Attempt]) -> dict[str, Any]:
+        """``jobs`` with ``kind``'s attempts replaced: the value to write back."""
+        return {**self.jobs, kind.value: [a.model_dump(mode="json") for a in attempts]}
 
 
 class Dataset(Base):
@@ -152,6 +162,13 @@ class Store:
             count = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             rows = s.scalars(q.order_by(Generation.created_at.desc(), Generation.id).offset(offset).limit(limit))
             return list(rows), count
+
+    def later_in_chain(self, g: Generation) -> list[Generation]:
+        """The generations of ``g``'s chain after it, in order."""
+        with self.sessions() as s:
+            q = (select(Generation).where(Generation.chain_id == g.chain_id, Generation.chain_index > g.chain_index)
+                 .order_by(Generation.chain_index))
+            return list(s.scalars(q))
 
     def unfinished(self) -> Iterator[Generation]:
         with self.sessions() as s:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator
 
+from trainer import architectures
+
 
 class NoiseConfig(BaseModel):
     """The noise of Noisy Student: input noise (RandAugment) and model noise (dropout, stochastic depth)."""
@@ -49,10 +51,7 @@ class TrainConfig(BaseModel):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, name: str) -> str:
-        from trainer.models import check_architecture  # imports timm: only when a config is validated
-
-        check_architecture(name)
-        return name
+        return architectures.check(name)
 
     @property
     def unlabeled_batch_size(self) -> int:

@@ -8,47 +8,21 @@ normalisation, evaluation metrics, and the config and code version that made it.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import timm
 import torch
-from pydantic import BaseModel, Field
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from service import storage
+from trainer import architectures
+from trainer.meta import META, WEIGHTS, ModelMeta, load_meta
 
-WEIGHTS = "model.safetensors"
-META = "model.json"
-
-
-class ModelMeta(BaseModel):
-    architecture: str = Field(description="timm model name")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
-    class_names: list[str]
-    input_size: int = Field(description="square input side in pixels")
-    crop_pct: float = 1.0
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    parameters: int = 0
-    metrics: dict[str, float] = Field(default_factory=dict)
-    config: dict[str, Any] = Field(default_factory=dict, description="the training config that made it")
-    code_version: str = ""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def check_architecture(name: str) -> None:
-    """A clear error for an architecture timm does not know."""
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown architecture {name!r}; timm has for example {close}")
+__all__ = ["META", "WEIGHTS", "ModelMeta", "load_meta", "create", "load", "save", "normalize"]
 
 
 def create(meta: ModelMeta, *, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    check_architecture(meta.architecture)
+    architectures.check(meta.architecture)
     return timm.create_model(
         meta.architecture,
         pretrained=False,
@@ -67,13 +41,6 @@ def save(model: torch.nn.Module, meta: ModelMeta, uri: str) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     storage.write_bytes(storage.join(uri, WEIGHTS), save_safetensors(state))
     storage.write_bytes(storage.join(uri, META), meta.model_dump_json(indent=2).encode())
-
-
-def load_meta(uri: str) -> ModelMeta:
-    try:
-        return ModelMeta.model_validate_json(storage.read_bytes(storage.join(uri, META)))
-    except FileNotFoundError:
-        raise ValueError(f"{uri} is not a model folder: no {META}") from None
 
 
 def load(uri: str) -> tuple[torch.nn.Module, ModelMeta]:

@@ -26,6 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from curation.layout import Phase, write_progress
 from service import storage
 from trainer import data, models
 from trainer.config import TrainConfig
@@ -121,12 +122,12 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
             if rank == 0:
-                _write_progress(cfg, phase="training", step=step, steps=config.steps)
+                _write_progress(cfg, Phase.TRAINING, step=step, steps=config.steps)
     if step < config.steps:
         raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
 
     if rank == 0:
-        _write_progress(cfg, phase="evaluating", step=step, steps=config.steps)
+        _write_progress(cfg, Phase.EVALUATING, step=step, steps=config.steps)
     metrics = _evaluate(ema.module, meta, device, world)
     metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
     if steady_from is not None and last_step_at > steady_from:
@@ -138,10 +139,10 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     ray.train.report({"step": step, **metrics})
 
 
-def _write_progress(cfg: dict[str, Any], **progress: Any) -> None:
-    """A small JSON file beside the checkpoints that the control plane reads to show progress."""
+def _write_progress(cfg: dict[str, Any], phase: Phase, **progress: int) -> None:
+    """The generation's progress file, which the control plane reads to show progress."""
     if cfg.get("progress_uri"):
-        storage.write_json(cfg["progress_uri"], {**progress, "time": time.time()})
+        write_progress(cfg["progress_uri"], phase, **progress)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,7 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import ControlDep, Reader, Writer
 from api.schemas import (GenerationAccepted, GenerationCreate, GenerationPublic, GenerationQuery, GenerationsPublic,
-                         ModelPublic, Problem, Progress, StageTiming)
+                         ModelPublic, Problem, StageTiming)
+from curation.layout import Progress
 from service.control import GENERATION_ID
 from service.store import Generation
 
@@ -26,7 +27,8 @@ def public(g: Generation) -> GenerationPublic:
         if timing.finished:
             timing.seconds = (timing.finished - timing.started).total_seconds()
         timings[stage] = timing
-    links = {"self": f"/generations/{g.id}", "cancel": f"/generations/{g.id}/cancel"}
+    links = {"self": f"/generations/{g.id}", "cancel": f"/generations/{g.id}/cancel",
+             "retry": f"/generations/{g.id}/retry"}
     if g.dataset_id:
         links["dataset"] = f"/datasets/{g.dataset_id}"
     if g.model_uri:
@@ -35,7 +37,7 @@ def public(g: Generation) -> GenerationPublic:
         id=g.id, chain_id=g.chain_id, chain_index=g.chain_index, parent_id=g.parent_id, stage=g.stage,
         cancel_requested=g.cancel_requested, created_at=g.created_at, updated_at=g.updated_at,
         finished_at=g.finished_at, spec=g.spec, output=g.output, teacher_uri=g.teacher_uri, model_uri=g.model_uri,
-        dataset_id=g.dataset_id, jobs=g.jobs, progress=Progress.model_validate(g.progress), timings=timings,
+        dataset_id=g.dataset_id, jobs=g.jobs, retries=g.retries, progress=Progress.model_validate(g.progress), timings=timings,
         metrics=g.metrics, error=g.error, links=links,
     )
 
@@ -101,6 +103,14 @@ async def get_generation(generation_id: GenerationId, control: ControlDep, reque
 def cancel_generation(generation_id: GenerationId, control: ControlDep) -> GenerationPublic:
     """Stop a generation's Ray job; generations chained after it are cancelled as well."""
     return public(control.cancel(generation_id))
+
+
+@router.post("/{generation_id}/retry", status_code=status.HTTP_202_ACCEPTED, dependencies=[Writer],
+             responses={**AUTH, 404: {"model": Problem}, 409: {"model": Problem}})
+def retry_generation(generation_id: GenerationId, control: ControlDep) -> GenerationPublic:
+    """Run a failed or cancelled generation again from its stored artifacts, with the failed or cancelled
+    generations chained after it; asked again while that retry runs, it changes nothing."""
+    return public(control.retry(generation_id))
 
 
 @router.get("/{generation_id}/model", dependencies=[Reader], responses={**AUTH, 404: {"model": Problem}})

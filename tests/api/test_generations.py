@@ -117,6 +117,22 @@ def test_cancel_a_queued_chain(client, digits_root):
     r = client.post(f"/generations/{chain[0]}/cancel", headers=WRITE)
     assert (r.status_code, r.json()) == (409, {"detail": f"generation {chain[0]} already cancelled"})
 
+    # A cancelled chain can go again, from its first generation; Ray is down, so it stays queued.
+    assert client.post(f"/generations/{chain[0]}/retry", headers=READ).status_code == 403
+    r = client.post(f"/generations/{chain[0]}/retry", headers=WRITE)
+    assert r.status_code == 202 and (r.json()["stage"], r.json()["retries"], r.json()["error"]) == ("queued", 1, None)
+    assert client.get(f"/generations/{chain[1]}", headers=READ).json()["stage"] == "queued"
+    again = client.post(f"/generations/{chain[0]}/retry", headers=WRITE)
+    assert again.status_code == 202 and again.json()["retries"] == 1  # the same retry, no new one
+
+
+def test_retry_refuses_what_has_not_failed(client, digits_root):
+    gid = client.post("/generations", json=request(digits_root), headers=WRITE).json()["id"]
+    r = client.post(f"/generations/{gid}/retry", headers=WRITE)
+    assert (r.status_code, r.json()) == (
+        409, {"detail": f"generation {gid} is queued: only a failed or cancelled one can be retried"})
+    assert client.post("/generations/g-0123456789abcdef/retry", headers=WRITE).status_code == 404
+
 
 def test_readiness_names_what_is_down_and_metrics_are_exposed(client):
     r = client.get("/readyz")

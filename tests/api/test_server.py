@@ -123,7 +123,7 @@ def test_a_restart_in_the_middle_finishes_the_generation_once(server, digits_roo
     assert json.loads(Path(g["output"], "spec.json").read_text())["unlabeled"].endswith(f"{gid}/labels/source.parquet")
 
     mine = list(ray_jobs(server, second).values())
-    assert sorted(j.submission_id for j in mine) == [f"{second}-label", f"{second}-train"]
+    assert sorted(j.submission_id for j in mine) == [f"{second}-label-1", f"{second}-train-1"]
     assert all(j.status.value == "SUCCEEDED" for j in mine)
     # Neither job was started again after the restart: both began before the kill.
     assert all(j.start_time / 1000 < killed_at for j in mine)

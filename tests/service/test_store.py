@@ -26,7 +26,7 @@ def test_migrations_are_idempotent_and_create_the_tables(store):
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"generations", "datasets", "alembic_version"} <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
 
 
 def test_chain_roundtrip_with_json_and_paging(store):
@@ -76,3 +76,31 @@ def test_datasets(store):
     got = store.dataset("d-a")
     assert (got.rows, got.stats, got.generation_id) == (10, {"rows": 10}, "g-a")
     assert store.dataset("d-b") is None
+
+
+def test_the_attempts_migration_keeps_the_jobs_of_an_older_database(database_url):
+    from alembic import command
+    from alembic.config import Config
+
+    from service.store import MIGRATIONS
+
+    s = Store(database_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with s.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(sa.text(
+            "INSERT INTO generations (id, created_at, updated_at, version, chain_id, chain_index, spec, output, "
+            "stage, cancel_requested, jobs, attempts, progress, timings, metrics) VALUES ('g-a', :t, :t, 3, 'g-a', "
+            "0, '{}', '/out', 'training', false, :jobs, 0, '{}', '{}', '{}')"),
+            {"t": "2026-01-01 00:00:00+00:00", "jobs": '{"label": "g-a-label", "train": "g-a-train"}'})
+    s.migrate()
+    g = s.get("g-a")
+    assert g.retries == 0 and g.version == 3
+    from service.states import JobKind
+
+    [train] = g.attempts_of(JobKind.TRAIN)
+    assert (train.id, train.n, train.submitted) == ("g-a-train", 1, True)
+    assert [a.id for a in g.attempts_of(JobKind.LABEL)] == ["g-a-label"]
+    s.close()
