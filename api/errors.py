@@ -6,7 +6,8 @@ import logging
 
 from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -18,14 +19,26 @@ log = logging.getLogger(__name__)
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         if e.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
             # Starlette names the methods of the first matching route only; a path served by several routes
             # (GET and POST /generations) allows all of theirs.
-            methods = sorted({m for r in app.router.routes if r.matches(request.scope)[0] != Match.NONE
-                              for m in getattr(r, "methods", None) or ()})
+            methods = sorted(
+                {
+                    m
+                    for r in app.router.routes
+                    if r.matches(request.scope)[0] != Match.NONE
+                    for m in getattr(r, "methods", None) or ()
+                }
+            )
             return JSONResponse({"detail": e.detail}, e.status_code, headers={"Allow": ", ".join(methods)})
         return await http_exception_handler(request, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_fields(_: Request, e: RequestValidationError) -> JSONResponse:
+        # Where and what, without echoing the input back: it may be huge, or NaN, which JSON cannot carry.
+        detail = [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in e.errors()]
+        return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(InvalidRequest)
     async def invalid(_: Request, e: InvalidRequest) -> JSONResponse:
@@ -49,5 +62,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error; the server log has the details"},
-                            status.HTTP_500_INTERNAL_SERVER_ERROR)
+        return JSONResponse(
+            {"detail": "internal error; the server log has the details"}, status.HTTP_500_INTERNAL_SERVER_ERROR
+        )

@@ -9,11 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from curation.layout import Progress
 from curation.stats import DatasetStats
-from service.specs import GenerationConfig
+from service.specs import GenerationConfig, Uri
 from service.states import Attempt, Stage
 
 # Offsets past any real listing (and past what a 64-bit database integer holds) are refused up front.
 MAX_OFFSET = 10**12
+
 
 class Page(BaseModel):
     """Paging query parameters; an unknown parameter (a typo such as `limt`) is a 422, not silently ignored."""
@@ -37,7 +38,7 @@ class GenerationCreate(GenerationConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    teacher: str | None = Field(
+    teacher: Uri | None = Field(
         None,
         description="a previous generation's id (g-...), a model folder URI, or none: train a teacher on the "
         "labeled data first",
@@ -71,6 +72,7 @@ class GenerationPublic(BaseModel):
         "the cause of its failure"
     )
     retries: int = Field(description="times a user asked to run it again after it failed or was cancelled")
+    created_by: str = Field(description="the principal whose token created it")
     progress: Progress
     timings: dict[str, StageTiming] = Field(description="per stage: when it started and finished")
     metrics: dict[str, float] = Field(description="the student's evaluation: test_accuracy, ...")
@@ -119,6 +121,19 @@ class ModelPublic(BaseModel):
     parameters: int
     metrics: dict[str, float]
     code_version: str
+
+
+class AuditPublic(BaseModel):
+    at: dt.datetime
+    principal: str
+    action: str = Field(description="create, cancel or retry")
+    target: str = Field(description="the generation (the first of a chain for create)")
+    detail: dict[str, Any]
+
+
+class AuditsPublic(BaseModel):
+    data: list[AuditPublic]
+    count: int
 
 
 class Problem(BaseModel):

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def machine() -> dict[str, Any]:
     import torch
 
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "cpu_model": cpu,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -102,7 +102,7 @@ def _children() -> dict[int, list[int]]:
                 stat = f.read()
         except OSError:
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # the command name may hold spaces
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the command name may hold spaces
         tree.setdefault(ppid, []).append(int(entry.name))
     return tree
 
@@ -201,8 +201,11 @@ class TreeMemory:
             self._stop.wait(SAMPLE_SECONDS)
 
     def report(self) -> dict[str, Any]:
-        out = {"peak_rss_mib": round(self.peak_rss / 2**20, 1), "samples": self.samples,
-               "peak_processes": self.peak_processes}
+        out = {
+            "peak_rss_mib": round(self.peak_rss / 2**20, 1),
+            "samples": self.samples,
+            "peak_processes": self.peak_processes,
+        }
         if self.pss:
             out["peak_pss_mib"] = round(self.peak_pss / 2**20, 1)
         out["rss_mib_at_peak"] = [f"{name}: {mib}" for name, mib in self.at_peak]
@@ -297,7 +300,9 @@ def manifest(paths: list[str], uri: str) -> str:
 
     from curation import sources
 
-    table = pa.table({"image_id": pa.array(sources.image_ids(paths)), "uri": pa.array(paths, pa.string())},
-                     schema=sources.UNLABELED_SCHEMA)
+    table = pa.table(
+        {"image_id": pa.array(sources.image_ids(paths)), "uri": pa.array(paths, pa.string())},
+        schema=sources.UNLABELED_SCHEMA,
+    )
     pq.write_table(table, uri, row_group_size=sources.INDEX_ROW_GROUP_ROWS)
     return uri

@@ -3,7 +3,8 @@
     .venv/bin/python bench/api_latency.py [--clients 50] [--seconds 60] [--interval 0.1]
 
 Starts `nstudent serve` (local Ray head, SQLite) on the bundled digits, posts a generation, waits until its
-first Ray job reports progress (its workers are up), then drives the endpoint with N clients on keep-alive connections: first each
+first Ray job reports progress (its workers are up), then drives the endpoint with N clients on keep-alive
+connections: first each
 polling every --interval seconds, then each sending its next request the moment the last one answered.
 Prints p50/p95/p99/max latency and requests per second of both as JSON.
 """
@@ -27,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.server import Server  # noqa: E402
 from service import digits  # noqa: E402
-from tests.api.server import Server  # noqa: E402
 
 TOKEN = "bench-token"
 
@@ -92,10 +93,23 @@ def main() -> None:
     server.start()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
-        train = {"architecture": "test_resnet", "input_size": 32, "mean": [0.13] * 3, "std": [0.31] * 3,
-                 "steps": 400, "batch_size": 16, "unlabeled_ratio": 3, "checkpoint_every": 20}
-        body = {"labeled": str(root / "digits/labeled"), "unlabeled": str(root / "digits/unlabeled"),
-                "eval": str(root / "digits/test"), "teacher_config": train, "student": train}
+        train = {
+            "architecture": "test_resnet",
+            "input_size": 32,
+            "mean": [0.13] * 3,
+            "std": [0.31] * 3,
+            "steps": 400,
+            "batch_size": 16,
+            "unlabeled_ratio": 3,
+            "checkpoint_every": 20,
+        }
+        body = {
+            "labeled": str(root / "digits/labeled"),
+            "unlabeled": str(root / "digits/unlabeled"),
+            "eval": str(root / "digits/test"),
+            "teacher_config": train,
+            "student": train,
+        }
         gid = httpx.post(f"{server.url}/generations", json=body, headers=auth, timeout=30).json()["id"]
         url = f"{server.url}/generations/{gid}"
         # Measure while the job is in its stride: its Ray workers have started and report progress.
@@ -110,15 +124,20 @@ def main() -> None:
         after = httpx.get(url, headers=auth).json()["stage"]
     finally:
         server.stop()
-    print(json.dumps({
-        "endpoint": "GET /generations/{id}",
-        "clients": args.clients,
-        "seconds": args.seconds,
-        f"polling_every_{args.interval}s": polling,
-        "closed_loop": saturated,
-        "stages_during_run": [before, after],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "endpoint": "GET /generations/{id}",
+                "clients": args.clients,
+                "seconds": args.seconds,
+                f"polling_every_{args.interval}s": polling,
+                "closed_loop": saturated,
+                "stages_during_run": [before, after],
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

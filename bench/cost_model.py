@@ -53,8 +53,11 @@ def decode_cost(count: int, width: int, height: int, size: int) -> dict:
         t = time.process_time()
         read_and_decode(batch, size=size, crop_pct=1.0)
         times.append((time.process_time() - t) / len(paths))
-    return {"seconds_per_image": _common.median(times), "images": len(paths),
-            "mean_file_bytes": int(sum(os.path.getsize(p) for p in paths) / len(paths))}
+    return {
+        "seconds_per_image": _common.median(times),
+        "images": len(paths),
+        "mean_file_bytes": int(sum(os.path.getsize(p) for p in paths) / len(paths)),
+    }
 
 
 def plan(images: float, gpu_rate: float, cpu_seconds: float, gpus: int, vcpus_per_gpu: int) -> dict:
@@ -85,34 +88,51 @@ def main() -> None:
     measured = decode_cost(args.sample, 500, 375, 224)
     cpu_seconds = measured["seconds_per_image"] * args.overhead
     rates = {"H100": args.gpu_images_per_second, "T4": PUBLISHED["T4"]}
-    shapes = {gpu: [plan(args.images, rates[gpu], cpu_seconds, n, VCPUS_PER_GPU[gpu]) for n in (1, 8, 32)]
-              for gpu in rates}
+    shapes = {
+        gpu: [plan(args.images, rates[gpu], cpu_seconds, n, VCPUS_PER_GPU[gpu]) for n in (1, 8, 32)] for gpu in rates
+    }
     target_rate = args.images / (args.hours * 3600)
     sizing = {}
     for gpu, rate in rates.items():
         gpus = math.ceil(target_rate / rate)
         vcpus = math.ceil(target_rate * cpu_seconds)
-        sizing[gpu] = {"gpus": gpus, "vcpus": vcpus, "vcpus_per_gpu": round(vcpus / gpus, 1),
-                       "gpu_utilisation": round(target_rate / (gpus * rate), 2)}
-    _common.emit({
-        "benchmark": "cost_model",
-        "machine": _common.machine(),
-        "measured": {"decode_resize_224_cpu_seconds_per_image": round(measured["seconds_per_image"], 5),
-                     "sample_images": measured["images"], "sample_mean_file_bytes": measured["mean_file_bytes"],
-                     "source": "500x375 photo-like JPEG, q90, one thread"},
-        "assumed": {"gpu_images_per_second": rates, "published_resnet50_amp_bs256": PUBLISHED,
-                    "cpu_overhead_factor": args.overhead, "vcpus_per_gpu_of_gpu_nodes": VCPUS_PER_GPU,
-                    "mean_jpeg_bytes": MEAN_JPEG_BYTES},
-        "cpu_seconds_per_image": round(cpu_seconds, 5),
-        "images": args.images,
-        "gpu_hours": {gpu: round(args.images / rate / 3600, 1) for gpu, rate in rates.items()},
-        "vcpu_hours": round(args.images * cpu_seconds / 3600),
-        "bytes_read_tb": round(args.images * MEAN_JPEG_BYTES / 1e12, 1),
-        "cluster_shapes": shapes,
-        f"sized_for_{args.hours:g}_hours": {"images_per_second": round(target_rate), **sizing,
-                                             "read_gbit_per_second": round(target_rate * MEAN_JPEG_BYTES * 8 / 1e9, 1),
-                                             "s3_get_per_second": round(target_rate)},
-    })
+        sizing[gpu] = {
+            "gpus": gpus,
+            "vcpus": vcpus,
+            "vcpus_per_gpu": round(vcpus / gpus, 1),
+            "gpu_utilisation": round(target_rate / (gpus * rate), 2),
+        }
+    _common.emit(
+        {
+            "benchmark": "cost_model",
+            "machine": _common.machine(),
+            "measured": {
+                "decode_resize_224_cpu_seconds_per_image": round(measured["seconds_per_image"], 5),
+                "sample_images": measured["images"],
+                "sample_mean_file_bytes": measured["mean_file_bytes"],
+                "source": "500x375 photo-like JPEG, q90, one thread",
+            },
+            "assumed": {
+                "gpu_images_per_second": rates,
+                "published_resnet50_amp_bs256": PUBLISHED,
+                "cpu_overhead_factor": args.overhead,
+                "vcpus_per_gpu_of_gpu_nodes": VCPUS_PER_GPU,
+                "mean_jpeg_bytes": MEAN_JPEG_BYTES,
+            },
+            "cpu_seconds_per_image": round(cpu_seconds, 5),
+            "images": args.images,
+            "gpu_hours": {gpu: round(args.images / rate / 3600, 1) for gpu, rate in rates.items()},
+            "vcpu_hours": round(args.images * cpu_seconds / 3600),
+            "bytes_read_tb": round(args.images * MEAN_JPEG_BYTES / 1e12, 1),
+            "cluster_shapes": shapes,
+            f"sized_for_{args.hours:g}_hours": {
+                "images_per_second": round(target_rate),
+                **sizing,
+                "read_gbit_per_second": round(target_rate * MEAN_JPEG_BYTES * 8 / 1e9, 1),
+                "s3_get_per_second": round(target_rate),
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

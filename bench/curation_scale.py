@@ -43,7 +43,7 @@ def class_names() -> list[str]:
     return [f"c{i:03d}" for i in range(CLASSES)]
 
 
-def predictions_chunk(index: int, rows: int, seed: int) -> "pa.Table":
+def predictions_chunk(index: int, rows: int, seed: int) -> pa.Table:  # noqa: F821 - imported where used
     """One file of synthetic predictions: class sizes follow a log-normal, confidences a per-class beta."""
     import numpy as np
     import pyarrow as pa
@@ -60,7 +60,8 @@ def predictions_chunk(index: int, rows: int, seed: int) -> "pa.Table":
     first = np.int64(index) * rows
     image_id = (np.arange(first, first + rows, dtype=np.int64) * np.int64(0x4F1BBCDCBFA53E0B)) ^ np.int64(seed)
     uri = pc.binary_join_element_wise(
-        "s3://unlabeled-pool/images/", pc.cast(pa.array(np.arange(first, first + rows)), pa.string()), ".jpg", "")
+        "s3://unlabeled-pool/images/", pc.cast(pa.array(np.arange(first, first + rows)), pa.string()), ".jpg", ""
+    )
     # top-k: the label first with its confidence, then k-1 other classes sharing what is left, decreasing
     others = (label[:, None] + rng.integers(1, CLASSES, (rows, TOP_K - 1))) % CLASSES
     rest = np.sort(rng.dirichlet(np.ones(TOP_K), rows)[:, : TOP_K - 1], axis=1)[:, ::-1]
@@ -68,23 +69,29 @@ def predictions_chunk(index: int, rows: int, seed: int) -> "pa.Table":
     probs = np.concatenate([confidence[:, None], np.minimum(rest, confidence[:, None])], axis=1)
     classes = np.concatenate([label[:, None], others], axis=1).astype(np.int32)
     offsets = pa.array(np.arange(0, (rows + 1) * TOP_K, TOP_K, dtype=np.int32))
-    return pa.table({
-        "image_id": pa.array(image_id),
-        "uri": uri,
-        "label": pa.array(label),
-        "confidence": pa.array(confidence),
-        "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(classes.ravel())),
-        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float16))),
-        "teacher": pa.array(["gen-0"] * rows),
-    }, schema=schema.PREDICTIONS)
+    return pa.table(
+        {
+            "image_id": pa.array(image_id),
+            "uri": uri,
+            "label": pa.array(label),
+            "confidence": pa.array(confidence),
+            "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(classes.ravel())),
+            "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float16))),
+            "teacher": pa.array(["gen-0"] * rows),
+        },
+        schema=schema.PREDICTIONS,
+    )
 
 
 def _write_chunk(job: tuple[str, int, int]) -> None:
     import pyarrow.parquet as pq
 
     folder, index, seed = job
-    pq.write_table(predictions_chunk(index, ROWS_PER_FILE, seed), os.path.join(folder, f"part-{index:05d}.parquet"),
-                   compression="zstd")
+    pq.write_table(
+        predictions_chunk(index, ROWS_PER_FILE, seed),
+        os.path.join(folder, f"part-{index:05d}.parquet"),
+        compression="zstd",
+    )
 
 
 def predictions_folder(rows: int, seed: int = 0) -> str:
@@ -123,10 +130,16 @@ def phase_ray(args) -> dict:
         t1 = time.perf_counter()
         stats = curate(args.predictions, args.out, class_names(), CurationConfig(seed=args.seed), dataset_id="bench")
         wall = time.perf_counter() - t1
-    return {"rows": stats.images_decoded, "seconds": wall, "rows_per_second": stats.images_decoded / wall,
-            "cluster_start_seconds": cluster_seconds, "manifest_rows": stats.manifest_rows,
-            "manifest_copies": stats.manifest_copies, "checksum": stats.manifest_checksum,
-            "images_per_class": stats.images_per_class}
+    return {
+        "rows": stats.images_decoded,
+        "seconds": wall,
+        "rows_per_second": stats.images_decoded / wall,
+        "cluster_start_seconds": cluster_seconds,
+        "manifest_rows": stats.manifest_rows,
+        "manifest_copies": stats.manifest_copies,
+        "checksum": stats.manifest_checksum,
+        "images_per_class": stats.images_per_class,
+    }
 
 
 def phase_pandas(args) -> dict:
@@ -142,8 +155,13 @@ def phase_pandas(args) -> dict:
     floor, seed = 0.3, args.seed
     bins = np.clip(np.floor(df["confidence"].to_numpy(np.float64) * 100 + 1e-4), 0, 99).astype(np.int64)
     df["bin"] = bins
-    hist = (df.groupby(["label", "bin"]).size().unstack(fill_value=0)
-            .reindex(index=range(CLASSES), columns=range(100), fill_value=0).to_numpy())
+    hist = (
+        df.groupby(["label", "bin"])
+        .size()
+        .unstack(fill_value=0)
+        .reindex(index=range(CLASSES), columns=range(100), fill_value=0)
+        .to_numpy()
+    )
     # thresholds: walking the bins down from 1.0, the first bin where the count reaches K, never under the floor
     at_or_above = hist[:, ::-1].cumsum(axis=1)[:, ::-1]
     floor_bin = int(np.floor(floor * 100 + 1e-4))
@@ -163,13 +181,17 @@ def phase_pandas(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     kept.to_parquet(os.path.join(args.out, "manifest.parquet"), compression="zstd", index=False)
     wall = time.perf_counter() - t0
-    return {"rows": len(df), "seconds": wall, "rows_per_second": len(df) / wall, "manifest_rows": len(kept),
-            "images_per_class": k}
+    return {
+        "rows": len(df),
+        "seconds": wall,
+        "rows_per_second": len(df) / wall,
+        "manifest_rows": len(kept),
+        "images_per_class": k,
+    }
 
 
 def phase_check(args) -> dict:
     """The Ray manifest (and the pandas one) against curation.balance's reference functions."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -181,8 +203,10 @@ def phase_check(args) -> dict:
     cols = ["image_id", "label", "confidence"]
     all_files = files(args.predictions)
     table = pa.concat_tables([pq.read_table(f, columns=cols) for f in all_files]).combine_chunks()
-    plan = balance.plan(balance.class_histogram(table.column("label").to_numpy(), table.column("confidence").to_numpy(),
-                                                CLASSES), config)
+    plan = balance.plan(
+        balance.class_histogram(table.column("label").to_numpy(), table.column("confidence").to_numpy(), CLASSES),
+        config,
+    )
     reference = balance.assign_copies(table, plan, config.seed).select(["image_id", "label", "copies"])
     reference = reference.sort_by("image_id")
     del table
@@ -213,11 +237,14 @@ def phase_check(args) -> dict:
     if args.pandas_out:
         rows = args.rows
         part = pa.concat_tables([pq.read_table(f, columns=cols) for f in files(args.predictions, rows)]).slice(0, rows)
-        part_plan = balance.plan(balance.class_histogram(part.column("label").to_numpy(),
-                                                         part.column("confidence").to_numpy(), CLASSES), config)
+        part_plan = balance.plan(
+            balance.class_histogram(part.column("label").to_numpy(), part.column("confidence").to_numpy(), CLASSES),
+            config,
+        )
         ref = balance.assign_copies(part, part_plan, config.seed).select(["image_id", "label", "copies"])
-        pandas_rows = pq.read_table(os.path.join(args.pandas_out, "manifest.parquet"),
-                                    columns=["image_id", "label", "copies"])
+        pandas_rows = pq.read_table(
+            os.path.join(args.pandas_out, "manifest.parquet"), columns=["image_id", "label", "copies"]
+        )
         out["pandas_rows_equal"] = pandas_rows.sort_by("image_id").equals(ref.sort_by("image_id"))
     return out
 
@@ -263,8 +290,11 @@ def main() -> None:
             result = _common.run_phase(SCRIPT, ["--phase", way, "--out", out, *common, *extra], memory=True)
             result["load_average_before"] = load
             runs[way].append(result)
-            print(f"repeat {r + 1} {way}: {result['rows_per_second']:.0f} rows/s, {result['memory']} (load {load})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"repeat {r + 1} {way}: {result['rows_per_second']:.0f} rows/s, {result['memory']} (load {load})",
+                file=sys.stderr,
+                flush=True,
+            )
     check = {}
     if "ray" in ways:
         pandas_out = []
@@ -275,22 +305,36 @@ def main() -> None:
     def med(way: str, key: str) -> float:
         return round(_common.median([x["memory"][key] if key.startswith("peak") else x[key] for x in runs[way]]), 1)
 
-    summary = {w: {k: med(w, k) for k in ("rows", "rows_per_second", "seconds", "peak_rss_mib", "peak_pss_mib")}
-               for w in runs}
+    summary = {
+        w: {k: med(w, k) for k in ("rows", "rows_per_second", "seconds", "peak_rss_mib", "peak_pss_mib")} for w in runs
+    }
     for w in runs:
         summary[w]["bytes_per_row_at_peak_rss"] = round(summary[w]["peak_rss_mib"] * 2**20 / summary[w]["rows"], 1)
-    _common.emit({
-        "benchmark": "curation_scale",
-        "machine": machine,
-        "config": {"rows": args.rows, "classes": CLASSES, "top_k": TOP_K, "files": len(files(predictions)),
-                   "rows_per_file": ROWS_PER_FILE, "predictions_bytes_on_disk": size, "pandas_rows": args.pandas_rows,
-                   "ray_cpus": args.cpus, "repeats": args.repeats, "generate_seconds": round(generate_seconds, 1)},
-        "median": summary,
-        "check": check,
-        "bar": {"peak under 3 GB (RSS)": "ray" in summary and summary["ray"]["peak_rss_mib"] * 2**20 < 3e9,
-                "equal to the reference": bool(check) and all(v for v in check.values() if isinstance(v, bool))},
-        "runs": runs,
-    })
+    _common.emit(
+        {
+            "benchmark": "curation_scale",
+            "machine": machine,
+            "config": {
+                "rows": args.rows,
+                "classes": CLASSES,
+                "top_k": TOP_K,
+                "files": len(files(predictions)),
+                "rows_per_file": ROWS_PER_FILE,
+                "predictions_bytes_on_disk": size,
+                "pandas_rows": args.pandas_rows,
+                "ray_cpus": args.cpus,
+                "repeats": args.repeats,
+                "generate_seconds": round(generate_seconds, 1),
+            },
+            "median": summary,
+            "check": check,
+            "bar": {
+                "peak under 3 GB (RSS)": "ray" in summary and summary["ray"]["peak_rss_mib"] * 2**20 < 3e9,
+                "equal to the reference": bool(check) and all(v for v in check.values() if isinstance(v, bool)),
+            },
+            "runs": runs,
+        }
+    )
 
 
 if __name__ == "__main__":

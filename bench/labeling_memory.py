@@ -33,8 +33,13 @@ def teacher_folder() -> str:
 
     uri = str(_common.DATA_DIR / "teacher-test_resnet-32-10")
     if not os.path.exists(os.path.join(uri, models.META)):
-        meta = ModelMeta(architecture="test_resnet", class_names=[str(i) for i in range(10)], input_size=32,
-                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        meta = ModelMeta(
+            architecture="test_resnet",
+            class_names=[str(i) for i in range(10)],
+            input_size=32,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+        )
         model = models.create(meta)
         meta.parameters = models.count_parameters(model)
         models.save(model, meta, uri)
@@ -54,8 +59,13 @@ def phase(args) -> dict:
         t1 = time.perf_counter()
         result = label(args.manifest, args.teacher, out, LabelConfig(), teacher_id="bench")
         wall = time.perf_counter() - t1
-    return {"images": result.images, "predicted": result.predicted, "label_seconds": wall,
-            "images_per_second": result.images / wall, "cluster_start_seconds": cluster_seconds}
+    return {
+        "images": result.images,
+        "predicted": result.predicted,
+        "label_seconds": wall,
+        "images_per_second": result.images / wall,
+        "cluster_start_seconds": cluster_seconds,
+    }
 
 
 def main() -> None:
@@ -84,8 +94,11 @@ def main() -> None:
     for r in range(args.repeats):
         for key, uri in manifests.items():
             load = _common.load()
-            result = _common.run_phase(SCRIPT, ["--phase", "--manifest", uri, "--teacher", teacher,
-                                                "--scratch", scratch, "--cpus", str(args.cpus)], memory=True)
+            result = _common.run_phase(
+                SCRIPT,
+                ["--phase", "--manifest", uri, "--teacher", teacher, "--scratch", scratch, "--cpus", str(args.cpus)],
+                memory=True,
+            )
             result["load_average_before"] = load
             runs[str(key)].append(result)
             print(f"repeat {r + 1} {key}: {result['memory']} (load {load})", file=sys.stderr, flush=True)
@@ -98,17 +111,27 @@ def main() -> None:
     for k in (small, large):
         summary[k]["images_per_second"] = round(_common.median([x["images_per_second"] for x in runs[k]]), 1)
     growth = {f: round(summary[large][f] / summary[small][f] - 1, 4) for f in ("peak_rss_mib", "peak_pss_mib")}
-    _common.emit({
-        "benchmark": "labeling_memory",
-        "machine": machine,
-        "config": {"images": [args.small, args.large], "source": "32x32 JPEG", "model": "test_resnet",
-                   "input_size": 32, "classes": 10, "label_config": "defaults", "ray_cpus": args.cpus,
-                   "repeats": args.repeats, "sample_seconds": _common.SAMPLE_SECONDS},
-        "median": summary,
-        "growth_large_vs_small": growth,
-        "bar": {"peak RSS within 15%": abs(growth["peak_rss_mib"]) <= 0.15},
-        "runs": runs,
-    })
+    _common.emit(
+        {
+            "benchmark": "labeling_memory",
+            "machine": machine,
+            "config": {
+                "images": [args.small, args.large],
+                "source": "32x32 JPEG",
+                "model": "test_resnet",
+                "input_size": 32,
+                "classes": 10,
+                "label_config": "defaults",
+                "ray_cpus": args.cpus,
+                "repeats": args.repeats,
+                "sample_seconds": _common.SAMPLE_SECONDS,
+            },
+            "median": summary,
+            "growth_large_vs_small": growth,
+            "bar": {"peak RSS within 15%": abs(growth["peak_rss_mib"]) <= 0.15},
+            "runs": runs,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ model (resnet18, 1,000 classes, 160x160 input), the same batch size and the same
 - ``pipeline``: ``workers.labeling.label`` on a private 2-CPU Ray cluster, from a manifest of the files to
   predictions Parquet (read tasks, decode tasks, one teacher actor, write tasks, ledger).
 
-Each is run in its own process, in turn, ``--repeats`` times; the medians are reported. Two figures per way:
+Each is run in its own process, ``--repeats`` times, the ways interleaved within each repeat (A B C, then
+C B A, ...) so that a machine whose speed drifts affects each about equally. Reported: the median rates, the
+pipeline's ratio to each other way in every repeat, and the median of those per-repeat ratios (not the ratio
+of the medians, which pairs figures from different moments of a drifting machine). Two figures per way:
 ``steady`` (images/s in steady state: the slope of images done against the time of each output batch, after
 the first quarter of the images and before the last batch; the pipeline's outputs are dated by its ledger
 entries, one per predictions file of ``--rows-per-file`` rows) and ``end_to_end`` (images over the whole
@@ -62,8 +65,13 @@ def teacher_folder(arch: str, input_size: int, classes: int) -> str:
         import torch
 
         torch.manual_seed(0)
-        meta = ModelMeta(architecture=arch, class_names=[f"c{i}" for i in range(classes)], input_size=input_size,
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        meta = ModelMeta(
+            architecture=arch,
+            class_names=[f"c{i}" for i in range(classes)],
+            input_size=input_size,
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        )
         model = models.create(meta)
         meta.parameters = models.count_parameters(model)
         models.save(model, meta, uri)
@@ -85,10 +93,14 @@ def phase_ceiling(args) -> dict:
     model, meta = models.load(args.teacher)
     model = model.to(memory_format=torch.channels_last).eval()
     paths = json.loads(Path(args.paths).read_text())[: args.batch_size]
-    pixels = torch.from_numpy(np.stack([
-        imaging.to_array(imaging.resize_square(imaging.decode_rgb(Path(p).read_bytes()), meta.input_size))
-        for p in paths
-    ]))
+    pixels = torch.from_numpy(
+        np.stack(
+            [
+                imaging.to_array(imaging.resize_square(imaging.decode_rgb(Path(p).read_bytes()), meta.input_size))
+                for p in paths
+            ]
+        )
+    )
     batches = -(-args.images // args.batch_size)
     outputs = []
     started = time.perf_counter()
@@ -98,8 +110,12 @@ def phase_ceiling(args) -> dict:
             torch.softmax(logits.float(), dim=1).topk(5, dim=1)
             outputs.append((time.perf_counter(), args.batch_size))
     images = batches * args.batch_size
-    return {"images": images, "steady": steady_rate(outputs), "end_to_end": images / (outputs[-1][0] - t0),
-            "compute_seconds": outputs[-1][0] - started}
+    return {
+        "images": images,
+        "steady": steady_rate(outputs),
+        "end_to_end": images / (outputs[-1][0] - t0),
+        "compute_seconds": outputs[-1][0] - started,
+    }
 
 
 def phase_plain(args) -> dict:
@@ -123,10 +139,14 @@ def phase_plain(args) -> dict:
     class Images(Dataset):
         def __init__(self, files):
             self.files = files
-            self.transform = transforms.Compose([
-                transforms.Resize(meta.input_size), transforms.CenterCrop(meta.input_size), transforms.ToTensor(),
-                transforms.Normalize(meta.mean, meta.std),
-            ])
+            self.transform = transforms.Compose(
+                [
+                    transforms.Resize(meta.input_size),
+                    transforms.CenterCrop(meta.input_size),
+                    transforms.ToTensor(),
+                    transforms.Normalize(meta.mean, meta.std),
+                ]
+            )
 
         def __len__(self):
             return len(self.files)
@@ -146,13 +166,20 @@ def phase_plain(args) -> dict:
             uris = [paths[i] for i in idx.tolist()]
             n = len(uris)
             offsets = pa.array(np.arange(0, (n + 1) * 5, 5, dtype=np.int32))
-            writer.write_table(pa.table({
-                "image_id": pa.array(sources.image_ids(uris)), "uri": pa.array(uris),
-                "label": pa.array(classes[:, 0]), "confidence": pa.array(probs[:, 0]),
-                "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(classes.ravel())),
-                "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float16))),
-                "teacher": pa.array(["plain"] * n),
-            }, schema=schema.PREDICTIONS))
+            writer.write_table(
+                pa.table(
+                    {
+                        "image_id": pa.array(sources.image_ids(uris)),
+                        "uri": pa.array(uris),
+                        "label": pa.array(classes[:, 0]),
+                        "confidence": pa.array(probs[:, 0]),
+                        "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(classes.ravel())),
+                        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float16))),
+                        "teacher": pa.array(["plain"] * n),
+                    },
+                    schema=schema.PREDICTIONS,
+                )
+            )
             seen += n
             outputs.append((time.perf_counter(), n))
     writer.close()
@@ -160,7 +187,7 @@ def phase_plain(args) -> dict:
 
 
 def phase_pipeline(args) -> dict:
-    from service import storage
+    from curation import storage
     from workers import ledger
     from workers.labeling import LabelConfig, label
 
@@ -178,9 +205,15 @@ def phase_pipeline(args) -> dict:
         rows = sum(n for _, n in json.loads(Path(uri).read_text())["shards"])
         entries.append((os.stat(uri).st_mtime, rows))
     entries.sort()
-    return {"images": result.images, "predicted": result.predicted, "steady": steady_rate(entries),
-            "end_to_end": result.images / wall, "cluster_start_seconds": cluster_seconds,
-            "label_seconds": wall, "commits": len(entries)}
+    return {
+        "images": result.images,
+        "predicted": result.predicted,
+        "steady": steady_rate(entries),
+        "end_to_end": result.images / wall,
+        "cluster_start_seconds": cluster_seconds,
+        "label_seconds": wall,
+        "commits": len(entries),
+    }
 
 
 PHASES = {"ceiling": phase_ceiling, "plain": phase_plain, "pipeline": phase_pipeline}
@@ -200,8 +233,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads, everywhere")
     p.add_argument("--loader-workers", type=int, default=os.cpu_count(), help="DataLoader workers of the plain loop")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
-    p.add_argument("--rows-per-file", type=int, default=128,
-                   help="pipeline: rows per predictions file (one file per teacher batch dates every batch)")
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=128,
+        help="pipeline: rows per predictions file (one file per teacher batch dates every batch)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ways", default="ceiling,plain,pipeline")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -222,44 +259,88 @@ def main() -> None:
     paths_file = os.path.join(scratch, "paths.json")
     Path(paths_file).write_text(json.dumps(paths))
     manifest = _common.manifest(paths, os.path.join(scratch, "source.parquet"))
-    common = ["--teacher", teacher, "--paths", paths_file, "--manifest", manifest, "--scratch", scratch,
-              "--images", str(args.images), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-              "--loader-workers", str(args.loader_workers), "--cpus", str(args.cpus),
-              "--rows-per-file", str(args.rows_per_file)]
+    common = [
+        "--teacher",
+        teacher,
+        "--paths",
+        paths_file,
+        "--manifest",
+        manifest,
+        "--scratch",
+        scratch,
+        "--images",
+        str(args.images),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--loader-workers",
+        str(args.loader_workers),
+        "--cpus",
+        str(args.cpus),
+        "--rows-per-file",
+        str(args.rows_per_file),
+    ]
     ways = args.ways.split(",")
     runs: dict[str, list[dict]] = {w: [] for w in ways}
     loads = []
     for r in range(args.repeats):
-        for way in ways:
+        for way in ways if r % 2 == 0 else ways[::-1]:  # A B C, then C B A
             loads.append(_common.load())
             result = _common.run_phase(SCRIPT, ["--phase", way, *common])
             runs[way].append(result)
-            print(f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
-                  f"{result['end_to_end']:.1f} img/s (load {loads[-1]})", file=sys.stderr, flush=True)
+            print(
+                f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
+                f"{result['end_to_end']:.1f} img/s (load {loads[-1]})",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    summary = {w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "end_to_end")}
-               for w in ways}
-    ratios = {}
+    summary = {
+        w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways
+    }
+    # Per repeat, each ratio pairs two runs made next to each other; the figure is the median of those.
+    ratios: dict[str, dict] = {}
     if "pipeline" in summary:
         for base in ("ceiling", "plain"):
             if base in summary:
-                ratios[f"pipeline_vs_{base}"] = {
-                    k: round(summary["pipeline"][k] / summary[base][k], 3) for k in ("steady", "end_to_end")}
-    _common.emit({
-        "benchmark": "labeling_throughput",
-        "machine": machine,
-        "config": {"images": args.images, "source": f"{args.source_size}x{args.source_size} JPEG (q90)",
-                   "model": args.arch, "input_size": args.input_size, "classes": args.classes,
-                   "batch_size": args.batch_size, "torch_threads": args.threads,
-                   "plain_loader_workers": args.loader_workers, "ray_cpus": args.cpus,
-                   "rows_per_file": args.rows_per_file, "repeats": args.repeats},
-        "images_per_second_median": summary,
-        "ratios": ratios,
-        "bar": {f"pipeline/{base} >= {bar} ({k})": ratios.get(f"pipeline_vs_{base}", {}).get(k, 0) >= bar
-                for base, bar in (("ceiling", 0.8), ("plain", 1.0)) for k in ("steady", "end_to_end")},
-        "load_average_before_each_run": loads,
-        "runs": runs,
-    })
+                ratio: dict = {}
+                for k in ("steady", "end_to_end"):
+                    per_repeat = [
+                        round((a[k] or 0.0) / b[k], 3) if b[k] else 0.0
+                        for a, b in zip(runs["pipeline"], runs[base], strict=True)
+                    ]
+                    ratio[k] = round(_common.median(per_repeat), 3)
+                    ratio[f"{k}_per_repeat"] = per_repeat
+                ratios[f"pipeline_vs_{base}"] = ratio
+    _common.emit(
+        {
+            "benchmark": "labeling_throughput",
+            "machine": machine,
+            "config": {
+                "images": args.images,
+                "source": f"{args.source_size}x{args.source_size} JPEG (q90)",
+                "model": args.arch,
+                "input_size": args.input_size,
+                "classes": args.classes,
+                "batch_size": args.batch_size,
+                "torch_threads": args.threads,
+                "plain_loader_workers": args.loader_workers,
+                "ray_cpus": args.cpus,
+                "rows_per_file": args.rows_per_file,
+                "repeats": args.repeats,
+            },
+            "images_per_second_median": summary,
+            "ratios": ratios,
+            "bar": {
+                f"pipeline/{base} >= {bar} ({k})": ratios.get(f"pipeline_vs_{base}", {}).get(k, 0) >= bar
+                for base, bar in (("ceiling", 0.8), ("plain", 1.0))
+                for k in ("steady", "end_to_end")
+            },
+            "load_average_before_each_run": loads,
+            "runs": runs,
+        }
+    )
 
 
 if __name__ == "__main__":

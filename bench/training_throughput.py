@@ -42,9 +42,16 @@ def train_config(args):
     from trainer.config import TrainConfig
 
     return TrainConfig(
-        architecture=args.arch, input_size=args.input_size, steps=args.steps, batch_size=args.batch_size,
-        unlabeled_ratio=3.0, warmup_steps=5, checkpoint_every=args.steps, torch_threads=args.threads,
-        cpus_per_worker=args.cpus_per_worker, seed=0,
+        architecture=args.arch,
+        input_size=args.input_size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        unlabeled_ratio=3.0,
+        warmup_steps=5,
+        checkpoint_every=args.steps,
+        torch_threads=args.threads,
+        cpus_per_worker=args.cpus_per_worker,
+        seed=0,
     )
 
 
@@ -56,16 +63,19 @@ def write_inputs(paths: list[str], scratch: str, labeled: int, pseudo: int) -> d
 
     rng = np.random.default_rng(0)
     lab = pa.table({"uri": pa.array(paths[:labeled]), "label": pa.array(np.arange(labeled) % CLASSES, pa.int32())})
-    uris = paths[labeled:labeled + pseudo]
+    uris = paths[labeled : labeled + pseudo]
     classes = rng.integers(0, CLASSES, (len(uris), TOP_K)).astype(np.int32)
     probs = np.sort(rng.dirichlet(np.ones(TOP_K), len(uris)), axis=1)[:, ::-1].astype(np.float16)
     offsets = pa.array(np.arange(0, (len(uris) + 1) * TOP_K, TOP_K, dtype=np.int32))
-    manifest = pa.table({
-        "uri": pa.array(uris), "label": pa.array(classes[:, 0]),
-        "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(classes.ravel())),
-        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel())),
-        "copies": pa.array(np.ones(len(uris), np.int32)),
-    })
+    manifest = pa.table(
+        {
+            "uri": pa.array(uris),
+            "label": pa.array(classes[:, 0]),
+            "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(classes.ravel())),
+            "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel())),
+            "copies": pa.array(np.ones(len(uris), np.int32)),
+        }
+    )
     out = {"labeled": os.path.join(scratch, "labeled.parquet"), "manifest": os.path.join(scratch, "manifest")}
     pq.write_table(lab, out["labeled"])
     os.makedirs(out["manifest"], exist_ok=True)
@@ -79,7 +89,7 @@ def write_inputs(paths: list[str], scratch: str, labeled: int, pseudo: int) -> d
 def phase_ray(args) -> dict:
     import pyarrow.parquet as pq
 
-    from trainer.train import STEADY_AFTER_STEPS, train
+    from trainer.train import train
 
     config = train_config(args)
     labeled = pq.read_table(args.labeled_table)
@@ -89,16 +99,29 @@ def phase_ray(args) -> dict:
         out = tempfile.mkdtemp(prefix="ray-", dir=args.scratch)
         manifest = pq.read_table(args.manifest)
         t1 = time.perf_counter()
-        result = train(config, labeled=labeled, class_names=[f"c{i}" for i in range(CLASSES)],
-                       eval_set=labeled.slice(0, 64), model_uri=os.path.join(out, "model"),
-                       storage_path=os.path.join(out, "checkpoints"), run_name="bench",
-                       pseudo_manifest_uri=args.manifest, pseudo_rows=manifest.num_rows)
+        result = train(
+            config,
+            labeled=labeled,
+            class_names=[f"c{i}" for i in range(CLASSES)],
+            eval_set=labeled.slice(0, 64),
+            model_uri=os.path.join(out, "model"),
+            storage_path=os.path.join(out, "checkpoints"),
+            run_name="bench",
+            pseudo_manifest_uri=args.manifest,
+            pseudo_rows=manifest.num_rows,
+        )
         wall = time.perf_counter() - t1
     m = result.metrics
     images = args.steps * (config.batch_size + config.unlabeled_batch_size)
     steady = m["train_steady_images_per_second"]
-    return {"steady": steady, "images": images, "total_seconds": wall, "cluster_start_seconds": cluster_seconds,
-            "loop_seconds": m["train_loop_seconds"], "fixed_seconds": wall - images / steady}
+    return {
+        "steady": steady,
+        "images": images,
+        "total_seconds": wall,
+        "cluster_start_seconds": cluster_seconds,
+        "loop_seconds": m["train_loop_seconds"],
+        "fixed_seconds": wall - images / steady,
+    }
 
 
 def phase_plain(args) -> dict:
@@ -111,8 +134,7 @@ def phase_plain(args) -> dict:
     from timm.utils import ModelEmaV3
     from torch.utils.data import DataLoader, Dataset
 
-    from curation import imaging
-    from service import storage
+    from curation import imaging, storage
     from trainer import models
     from trainer import noise as noise_lib
     from trainer.models import ModelMeta
@@ -122,8 +144,13 @@ def phase_plain(args) -> dict:
     config = train_config(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    meta = ModelMeta(architecture=config.architecture, class_names=[f"c{i}" for i in range(CLASSES)],
-                     input_size=config.input_size, mean=config.mean, std=config.std)
+    meta = ModelMeta(
+        architecture=config.architecture,
+        class_names=[f"c{i}" for i in range(CLASSES)],
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+    )
 
     class Noised(Dataset):
         """Decode, resize, RandAugment; the target as the trainer builds it."""
@@ -133,8 +160,10 @@ def phase_plain(args) -> dict:
             self.labels = table.column("label").to_numpy()
             self.topk = None
             if "topk_classes" in table.column_names:
-                self.topk = (np.stack(table.column("topk_classes").to_numpy(zero_copy_only=False)),
-                             np.stack(table.column("topk_probs").to_numpy(zero_copy_only=False)))
+                self.topk = (
+                    np.stack(table.column("topk_classes").to_numpy(zero_copy_only=False)),
+                    np.stack(table.column("topk_probs").to_numpy(zero_copy_only=False)),
+                )
             self.augment = noise_lib.randaugment(config.noise, config.mean)
 
         def __len__(self):
@@ -144,27 +173,46 @@ def phase_plain(args) -> dict:
             img = imaging.resize_square(imaging.decode_rgb(storage.read_bytes(self.uris[i])), config.input_size)
             pixels = torch.from_numpy(imaging.to_array(self.augment(img)).copy())
             if self.topk is not None:
-                target = noise_lib.soft_targets(self.topk[0][i:i + 1], self.topk[1][i:i + 1], CLASSES,
-                                                config.temperature)[0]
+                target = noise_lib.soft_targets(
+                    self.topk[0][i : i + 1], self.topk[1][i : i + 1], CLASSES, config.temperature
+                )[0]
             else:
-                target = noise_lib.hard_targets(self.labels[i:i + 1], CLASSES, config.label_smoothing)[0]
+                target = noise_lib.hard_targets(self.labels[i : i + 1], CLASSES, config.label_smoothing)[0]
             return pixels, torch.from_numpy(target)
 
     def forever(loader):
         while True:
             yield from loader
 
-    labeled = DataLoader(Noised(pq.read_table(args.labeled_table)), batch_size=config.batch_size, shuffle=True,
-                         drop_last=True, num_workers=args.loader_workers, persistent_workers=True)
-    pseudo = DataLoader(Noised(pq.read_table(args.manifest)), batch_size=config.unlabeled_batch_size,
-                        shuffle=True, drop_last=True, num_workers=args.loader_workers, persistent_workers=True)
+    labeled = DataLoader(
+        Noised(pq.read_table(args.labeled_table)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.loader_workers,
+        persistent_workers=True,
+    )
+    pseudo = DataLoader(
+        Noised(pq.read_table(args.manifest)),
+        batch_size=config.unlabeled_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.loader_workers,
+        persistent_workers=True,
+    )
 
     model = models.create(meta, drop_rate=config.noise.dropout, drop_path_rate=config.noise.drop_path)
     model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=config.steps, warmup_t=config.warmup_steps,
-                                  warmup_lr_init=config.lr / 100, lr_min=config.lr / 100, t_in_epochs=False)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=config.steps,
+        warmup_t=config.warmup_steps,
+        warmup_lr_init=config.lr / 100,
+        lr_min=config.lr / 100,
+        t_in_epochs=False,
+    )
     loss_fn = SoftTargetCrossEntropy()
     model.train()
     step, seen, steady_from, steady_seen = 0, 0, None, 0
@@ -223,10 +271,30 @@ def main() -> None:
     paths = _common.jpeg_pool(f"jpeg-{args.source_size}", args.labeled + pseudo, args.source_size, args.source_size)
     scratch = tempfile.mkdtemp(prefix="train-bench-", dir=_common.DATA_DIR)
     inputs = write_inputs(paths, scratch, args.labeled, pseudo)
-    common = ["--manifest", inputs["manifest"], "--scratch", scratch, "--arch", args.arch,
-              "--input-size", str(args.input_size), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--threads", str(args.threads), "--loader-workers", str(args.loader_workers), "--cpus", str(args.cpus),
-              "--cpus-per-worker", str(args.cpus_per_worker), "--labeled-table", inputs["labeled"]]
+    common = [
+        "--manifest",
+        inputs["manifest"],
+        "--scratch",
+        scratch,
+        "--arch",
+        args.arch,
+        "--input-size",
+        str(args.input_size),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--loader-workers",
+        str(args.loader_workers),
+        "--cpus",
+        str(args.cpus),
+        "--cpus-per-worker",
+        str(args.cpus_per_worker),
+        "--labeled-table",
+        inputs["labeled"],
+    ]
     ways = args.ways.split(",")
     runs: dict[str, list[dict]] = {w: [] for w in ways}
     for r in range(args.repeats):
@@ -235,26 +303,43 @@ def main() -> None:
             result = _common.run_phase(SCRIPT, ["--phase", way, *common])
             result["load_average_before"] = load
             runs[way].append(result)
-            print(f"repeat {r + 1} {way}: steady {result['steady']:.1f} img/s, fixed "
-                  f"{result['fixed_seconds']:.1f} s (load {load})", file=sys.stderr, flush=True)
-    summary = {w: {k: round(_common.median([x[k] for x in runs[w]]), 2)
-                   for k in ("steady", "total_seconds", "fixed_seconds")}
-               for w in ways}
+            print(
+                f"repeat {r + 1} {way}: steady {result['steady']:.1f} img/s, fixed "
+                f"{result['fixed_seconds']:.1f} s (load {load})",
+                file=sys.stderr,
+                flush=True,
+            )
+    summary = {
+        w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "total_seconds", "fixed_seconds")}
+        for w in ways
+    }
     ratio = round(summary["ray"]["steady"] / summary["plain"]["steady"], 3) if len(ways) == 2 else None
-    _common.emit({
-        "benchmark": "training_throughput",
-        "machine": machine,
-        "config": {"model": args.arch, "input_size": args.input_size, "classes": CLASSES,
-                   "source": f"{args.source_size}px JPEG",
-                   "steps": args.steps, "labeled_per_step": args.batch_size, "pseudo_per_step": args.batch_size * 3,
-                   "labeled_images": args.labeled, "pseudo_images": pseudo, "torch_threads": args.threads,
-                   "plain_loader_workers_per_loader": args.loader_workers, "ray_cpus": args.cpus,
-                   "cpus_per_worker": args.cpus_per_worker, "repeats": args.repeats},
-        "images_per_second_median": summary,
-        "ray_vs_plain": ratio,
-        "bar": {"ray/plain >= 0.85": ratio is not None and ratio >= 0.85},
-        "runs": runs,
-    })
+    _common.emit(
+        {
+            "benchmark": "training_throughput",
+            "machine": machine,
+            "config": {
+                "model": args.arch,
+                "input_size": args.input_size,
+                "classes": CLASSES,
+                "source": f"{args.source_size}px JPEG",
+                "steps": args.steps,
+                "labeled_per_step": args.batch_size,
+                "pseudo_per_step": args.batch_size * 3,
+                "labeled_images": args.labeled,
+                "pseudo_images": pseudo,
+                "torch_threads": args.threads,
+                "plain_loader_workers_per_loader": args.loader_workers,
+                "ray_cpus": args.cpus,
+                "cpus_per_worker": args.cpus_per_worker,
+                "repeats": args.repeats,
+            },
+            "images_per_second_median": summary,
+            "ray_vs_plain": ratio,
+            "bar": {"ray/plain >= 0.85": ratio is not None and ratio >= 0.85},
+            "runs": runs,
+        }
+    )
 
 
 if __name__ == "__main__":

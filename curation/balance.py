@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from curation.config import MAX_SEED, Config
 
 NUM_BINS = 100  # 0.01-wide confidence bins
 # Confidences are float32: a value within this much under a bin edge counts in the bin above, so 0.3
@@ -25,16 +27,19 @@ NUM_BINS = 100  # 0.01-wide confidence bins
 _EDGE_EPS = 1e-4
 
 
-class CurationConfig(BaseModel):
+class CurationConfig(Config):
     """How predictions become a training manifest."""
 
     confidence_floor: float = Field(0.3, ge=0.0, le=1.0, description="drop images whose top-1 confidence is under this")
     images_per_class: int | None = Field(
-        None, ge=1, description="K, images per class after balancing; default: the mean per-class count above the floor"
+        None,
+        ge=1,
+        le=1_000_000_000,
+        description="K, images per class after balancing; default: the mean per-class count above the floor",
     )
     balance: bool = Field(True, description="balance classes to about K; false keeps every image above the floor once")
     upsample: bool = Field(True, description="duplicate the images of classes with fewer than K")
-    seed: int = Field(0, description="seed of the stochastic rounding of copies")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the stochastic rounding of copies")
 
 
 def confidence_bins(confidence: np.ndarray) -> np.ndarray:
@@ -128,7 +133,10 @@ def assign_copies(batch: pa.Table, plan: Plan, seed: int) -> pa.Table:
 def rows_digest(image_id: np.ndarray, label: np.ndarray, copies: np.ndarray) -> int:
     """Order-independent 64-bit digest of manifest rows: equal manifests have equal digests, however split."""
     with np.errstate(over="ignore"):
-        key = (np.asarray(image_id).astype(np.uint64) * np.uint64(1_000_003)
-               + np.asarray(label).astype(np.uint64) * np.uint64(65_537) + np.asarray(copies).astype(np.uint64))
+        key = (
+            np.asarray(image_id).astype(np.uint64) * np.uint64(1_000_003)
+            + np.asarray(label).astype(np.uint64) * np.uint64(65_537)
+            + np.asarray(copies).astype(np.uint64)
+        )
         h = (_uniform(key.view(np.int64), 0x5EED) * float(1 << 53)).astype(np.uint64)
         return int(np.sum(h, dtype=np.uint64))

@@ -21,12 +21,13 @@ This module is the only place that spells these names; it imports neither torch 
 from __future__ import annotations
 
 import enum
+import os
 import time
 from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
-from service import storage
+from curation import storage
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,19 @@ class Progress(BaseModel):
     total: int | None = Field(None, description="images in the unlabeled source")
     step: int | None = Field(None, description="training steps done")
     steps: int | None = Field(None, description="training steps in all")
+    loss: float | None = Field(None, description="training loss, averaged over the steps since the last write")
+    images_per_second: float | None = Field(
+        None, description="training images per second (all workers) since the last write"
+    )
     time: float | None = Field(None, description="when it was written (Unix seconds)")
 
 
-def write_progress(uri: str, phase: Phase, **fields: int | None) -> None:
+def progress_seconds() -> float:
+    """How often running jobs rewrite their progress file: ``NSTUDENT_PROGRESS_SECONDS``, default 2."""
+    return float(os.environ.get("NSTUDENT_PROGRESS_SECONDS") or 2.0)
+
+
+def write_progress(uri: str, phase: Phase, **fields: int | float | None) -> None:
     storage.write_json(uri, Progress(phase=phase, time=time.time(), **fields).model_dump(mode="json"))
 
 

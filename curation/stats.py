@@ -19,6 +19,9 @@ class ClassStats(BaseModel):
     eligible: int = Field(description="images at or above the threshold (N)")
     kept: int = Field(description="distinct images in the manifest")
     copies: int = Field(description="rows the student will see: kept images times their copies")
+    confidence_histogram: list[int] = Field(
+        default_factory=list, description="this class's top-1 confidences, 100 bins of 0.01 (empty in older stats)"
+    )
 
 
 class DatasetStats(BaseModel):

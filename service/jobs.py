@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ray.job_submission import JobSubmissionClient
 
+from service.redact import redact
 from service.states import JobStatus
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,11 @@ class JobState:
 
 
 class Jobs:
-    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0):
+    def __init__(
+        self, address: str, token: str | None = None, timeout: float = 10.0, env: dict[str, str] | None = None
+    ):
         self.address, self.token, self.timeout = address, token, timeout
+        self.env = env or {}  # set in every job's runtime environment (e.g. MLFLOW_TRACKING_URI)
         self._client: JobSubmissionClient | None = None
 
     @property
@@ -40,7 +44,7 @@ class Jobs:
             try:
                 self._client = JobSubmissionClient(self.address, headers=headers)
             except Exception as e:  # connection refused, DNS, auth: all mean "not reachable now"
-                raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+                raise RayUnavailable(redact(f"Ray Jobs API at {self.address}: {e}")) from e
         return self._client
 
     def ping(self) -> None:
@@ -52,6 +56,7 @@ class Jobs:
     def submit(self, submission_id: str, args: list[str], *, env: dict[str, str] | None = None) -> None:
         """Start ``nstudent <args>`` as a Ray job unless ``submission_id`` already exists."""
         entrypoint = shlex.join(["nstudent", *args])
+        env = {**self.env, **(env or {})}
         try:
             self.client.submit_job(
                 entrypoint=entrypoint,
@@ -112,7 +117,7 @@ class Jobs:
         self._client = None  # reconnect next time
         if isinstance(e, RayUnavailable):
             return e
-        return RayUnavailable(f"Ray Jobs API at {self.address}: {e}")
+        return RayUnavailable(redact(f"Ray Jobs API at {self.address}: {e}"))
 
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt)|[\w.]*\.\w+Error): ")

@@ -29,14 +29,21 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from curation import sources
+from curation import sources, storage
 from curation.layout import ErrorKind, JobError, Layout, read_progress
 from curation.stats import DatasetStats
-from service import storage
 from service.jobs import Jobs, RayUnavailable
 from service.specs import GenerationConfig, GenerationSpec
-from service.states import (FIRST_STAGE, JOB_OF_STAGE, STAGE_OF_PHASE, Attempt, JobKind, JobStatus, Stage,
-                            check_transition)
+from service.states import (
+    FIRST_STAGE,
+    JOB_OF_STAGE,
+    STAGE_OF_PHASE,
+    Attempt,
+    JobKind,
+    JobStatus,
+    Stage,
+    check_transition,
+)
 from service.store import Dataset, Generation, StaleWrite, Store, utcnow
 from trainer.meta import load_meta
 
@@ -56,8 +63,16 @@ def dataset_id_of(generation_id: str) -> str:
 
 
 class Orchestrator:
-    def __init__(self, store: Store, jobs: Jobs, *, poll_seconds: float = 2.0, max_running_jobs: int = 4,
-                 job_attempts: int = 3, retry_backoff_seconds: float = 30.0):
+    def __init__(
+        self,
+        store: Store,
+        jobs: Jobs,
+        *,
+        poll_seconds: float = 2.0,
+        max_running_jobs: int = 4,
+        job_attempts: int = 3,
+        retry_backoff_seconds: float = 30.0,
+    ):
         self.store, self.jobs, self.poll_seconds = store, jobs, poll_seconds
         self.max_running_jobs, self.job_attempts = max_running_jobs, job_attempts
         self.retry_backoff_seconds = retry_backoff_seconds
@@ -152,9 +167,9 @@ class Orchestrator:
             return  # waits as queued for a running generation to finish
         self._free_slots -= 1
         layout = Layout(g.output)
-        spec = GenerationSpec.model_validate(
-            {**g.spec, "teacher": teacher, "output": g.output, "unlabeled": self._listed(g) or config.unlabeled}
-        )
+        listed = self._listed(g)
+        unlabeled = {"unlabeled": listed, "unlabeled_format": "manifest"} if listed else {}
+        spec = GenerationSpec.model_validate({**g.spec, "teacher": teacher, "output": g.output, **unlabeled})
         storage.write_json(layout.spec, spec.model_dump(mode="json"))
         order = [JobKind.LABEL, JobKind.TRAIN] if teacher else [JobKind.TEACHER, JobKind.LABEL, JobKind.TRAIN]
         done = {kind for kind in order if (a := g.attempts_of(kind)) and a[-1].status == JobStatus.SUCCEEDED}
@@ -186,12 +201,12 @@ class Orchestrator:
         """Record the job's next attempt, then submit it, then record that Ray has it."""
         self.jobs.ping()  # while Ray is down, record nothing: the generation stays where it is
         attempts = g.attempts_of(kind)
-        attempt = Attempt(id=f"{g.id}-{kind}-{len(attempts) + 1}", n=len(attempts) + 1, round=g.retries,
-                          created_at=utcnow())
+        attempt = Attempt(
+            id=f"{g.id}-{kind}-{len(attempts) + 1}", n=len(attempts) + 1, round=g.retries, created_at=utcnow()
+        )
         storage.delete_file(Layout(g.output).progress)  # the previous job's progress is not this one's
         stage = FIRST_STAGE[kind]
-        g = self._move(g, stage, jobs=g.with_attempts(kind, [*attempts, attempt]), progress={},
-                       attempts=g.attempts + 1)
+        g = self._move(g, stage, jobs=g.with_attempts(kind, [*attempts, attempt]), progress={}, attempts=g.attempts + 1)
         return self._send(g, kind, attempt)
 
     def _send(self, g: Generation, kind: JobKind, attempt: Attempt) -> Generation:
@@ -229,8 +244,13 @@ class Orchestrator:
                 log.info("%s: submitting %s, recorded before a restart", g.id, attempt.id)
                 self._send(g, kind, attempt)
                 return JobStatus.PENDING
-            self._failed(g, kind, attempt, ErrorKind.INFRA,
-                         "the Ray cluster has no record of the job: its head was restarted or replaced")
+            self._failed(
+                g,
+                kind,
+                attempt,
+                ErrorKind.INFRA,
+                "the Ray cluster has no record of the job: its head was restarted or replaced",
+            )
         elif state.status.active:
             if not attempt.submitted:
                 g = self._update_attempt(g, kind, submitted=True)
@@ -263,10 +283,25 @@ class Orchestrator:
         if retry:
             backoff = min(MAX_BACKOFF_SECONDS, self.retry_backoff_seconds * 2 ** (this_round - 1))
             retry_after = utcnow() + dt.timedelta(seconds=backoff)
-            log.warning("%s: %s failed (%s), attempt %d of %d, next in %.0fs: %s", g.id, attempt.id, cause.value,
-                        this_round, self.job_attempts, backoff, message)
-        g = self._update_attempt(g, kind, status=JobStatus.FAILED, cause=cause, message=message[:1000],
-                                 finished_at=utcnow(), retry_after=retry_after)
+            log.warning(
+                "%s: %s failed (%s), attempt %d of %d, next in %.0fs: %s",
+                g.id,
+                attempt.id,
+                cause.value,
+                this_round,
+                self.job_attempts,
+                backoff,
+                message,
+            )
+        g = self._update_attempt(
+            g,
+            kind,
+            status=JobStatus.FAILED,
+            cause=cause,
+            message=message[:1000],
+            finished_at=utcnow(),
+            retry_after=retry_after,
+        )
         if not retry:
             tries = f" after {this_round} attempts" if cause == ErrorKind.INFRA else ""
             self._finish(g, Stage.FAILED, error=f"{kind.value} job {attempt.id} failed{tries}: {message}"[:2000])

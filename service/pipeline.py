@@ -9,25 +9,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from curation import sources
+from curation import access, shards, sources, storage
 from curation.errors import UserError
-from curation.layout import Layout, Phase, write_progress
+from curation.layout import Layout, Phase, progress_seconds, write_progress
+from curation.sources import SourceFormat
 from curation.stats import DatasetStats
-from service import storage
 from service.specs import GenerationSpec
 from trainer import models
 from trainer.config import TrainConfig
 from trainer.train import TrainResult, train
-from workers.curate import curate
 from workers import ledger
-from workers.labeling import LabelResult, label
+from workers.curate import curate
+from workers.labeling import PROGRESS_DIR, LabelResult, label
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +51,22 @@ class GenerationResult(BaseModel):
 
 
 def train_teacher(
-    config: TrainConfig, *, labeled: str, eval: str, output: str, run_name: str = "teacher",
+    config: TrainConfig,
+    *,
+    labeled: str,
+    eval: str,
+    output: str,
+    run_name: str = "teacher",
     progress_uri: str | None = None,
+    labeled_format: SourceFormat | None = None,
+    eval_format: SourceFormat | None = None,
+    roots: list[str] | None = None,
 ) -> TrainResult:
     """Generation 0: a supervised model on the labeled source alone, with the same noise as the students."""
-    labeled_table, class_names = sources.labeled_source(labeled)
-    eval_table, _ = sources.labeled_source(eval, class_names)
+    labeled_table, class_names = sources.labeled_source(labeled, fmt=labeled_format)
+    eval_table, _ = sources.labeled_source(eval, class_names, eval_format)
+    check_rows("labeled", labeled_table, roots)
+    check_rows("eval", eval_table, roots)
     return train(
         config,
         labeled=labeled_table,
@@ -77,9 +86,30 @@ def teacher_stage(spec: GenerationSpec) -> TrainResult:
         spec.teacher_config or spec.student,
         labeled=spec.labeled,
         eval=spec.eval,
+        labeled_format=spec.labeled_format,
+        eval_format=spec.eval_format,
         output=Layout(spec.output).teacher,
         progress_uri=Layout(spec.output).progress,
+        roots=spec.roots,
     )
+
+
+def check_rows(name: str, table: pa.Table, roots: list[str] | None) -> None:
+    """Every image a labeled or eval set names lies under ``roots``; else a UserError naming the first rows that
+    do not (a labeled set is the ground truth: a row that may not be read is a bad request, not a reject)."""
+    if roots is None:
+        return
+    outside = []
+    for uri in table.column("uri").to_pylist():
+        container = shards.split(uri)
+        try:
+            ok = access.under(access.normalize(container[0] if container else uri), roots)
+        except access.BadUri:
+            ok = False
+        if not ok:
+            outside.append(uri)
+    if outside:
+        raise UserError(f"{name}: {len(outside)} images lie outside the allowed roots, e.g. {outside[:3]}")
 
 
 def teacher_of(spec: GenerationSpec) -> str:
@@ -87,7 +117,10 @@ def teacher_of(spec: GenerationSpec) -> str:
 
 
 def label_stage(
-    spec: GenerationSpec, generation_id: str, dataset_id: str, progress: Progress = log.info,
+    spec: GenerationSpec,
+    generation_id: str,
+    dataset_id: str,
+    progress: Progress = log.info,
     timings: dict[str, float] | None = None,
 ) -> tuple[LabelResult, DatasetStats]:
     """Label the unlabeled pool with the teacher, then curate the predictions into a manifest; the seconds
@@ -100,10 +133,20 @@ def label_stage(
     layout = Layout(spec.output)
     labels_uri = layout.labels
     with LabelingProgress(spec.unlabeled, layout):
-        labeling = label(spec.unlabeled, teacher_uri, labels_uri, spec.label, teacher_id=teacher_uri)
+        labeling = label(
+            spec.unlabeled,
+            teacher_uri,
+            labels_uri,
+            spec.label,
+            teacher_id=teacher_uri,
+            source_format=spec.unlabeled_format,
+            roots=spec.roots,
+        )
     timings["labeling"] = time.time() - t
-    progress(f"{generation_id}: {labeling.predicted} labeled, {sum(labeling.rejected.values())} rejected "
-             f"{labeling.rejected or ''} in {timings['labeling']:.0f}s")
+    progress(
+        f"{generation_id}: {labeling.predicted} labeled, {sum(labeling.rejected.values())} rejected "
+        f"{labeling.rejected or ''} in {timings['labeling']:.0f}s"
+    )
     t = time.time()
     write_progress(layout.progress, Phase.CURATING)
     dataset = curate(
@@ -116,19 +159,25 @@ def label_stage(
         teacher=teacher_uri,
     )
     timings["curation"] = time.time() - t
-    progress(f"{generation_id}: curated {dataset.manifest_rows} images ({dataset.manifest_copies} with copies), "
-             f"K={dataset.images_per_class}, in {timings['curation']:.0f}s")
+    progress(
+        f"{generation_id}: curated {dataset.manifest_rows} images ({dataset.manifest_copies} with copies), "
+        f"K={dataset.images_per_class}, in {timings['curation']:.0f}s"
+    )
     if dataset.manifest_rows == 0:
-        raise UserError(f"{generation_id}: no pseudo-label passed the confidence floor "
-                        f"{spec.curation.confidence_floor}: lower curation.confidence_floor, or give a better teacher")
+        raise UserError(
+            f"{generation_id}: no pseudo-label passed the confidence floor "
+            f"{spec.curation.confidence_floor}: lower curation.confidence_floor, or give a better teacher"
+        )
     return labeling, dataset
 
 
 def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
     """Fit the noisy student on the labeled source plus the curated manifest."""
     class_names = models.load_meta(teacher_of(spec)).class_names
-    labeled_table, _ = sources.labeled_source(spec.labeled, class_names)
-    eval_table, _ = sources.labeled_source(spec.eval, class_names)
+    labeled_table, _ = sources.labeled_source(spec.labeled, class_names, spec.labeled_format)
+    eval_table, _ = sources.labeled_source(spec.eval, class_names, spec.eval_format)
+    check_rows("labeled", labeled_table, spec.roots)
+    check_rows("eval", eval_table, spec.roots)
     return train(
         spec.student,
         labeled=labeled_table,
@@ -172,18 +221,29 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
 
 
 class LabelingProgress:
-    """While labeling runs, count the rows already written (Parquet footers) and publish done/total.
+    """While labeling runs, count the rows labeled and publish done/total.
 
-    Runs in the job's driver beside Ray Data; files are immutable once written, so each footer is read once.
+    Runs in the job's driver beside Ray Data. Rows are counted two ways, and the larger count wins: the rows
+    in the files written so far (Parquet footers; files are immutable once written, so each footer is read
+    once), and the rows the teacher actors report in ``labels/progress/`` on top of those written before this
+    run (files are written only every ``rows_per_file`` rows, the actors' counts every few seconds).
     """
 
-    def __init__(self, source_uri: str, layout: Layout, every: float = 5.0):
-        self.source_uri, self.layout, self.every = source_uri, layout, every
+    def __init__(self, source_uri: str, layout: Layout, every: float | None = None):
+        self.source_uri, self.layout, self.every = source_uri, layout, every or progress_seconds()
         self.rows: dict[str, int] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="labeling-progress", daemon=True)
 
     def __enter__(self) -> LabelingProgress:
+        self.actors = storage.join(self.layout.labels, PROGRESS_DIR)
+        try:
+            storage.delete_dir_contents(self.actors)  # counts of an earlier run are not this one's
+            self.before = self._written()
+            write_progress(self.layout.progress, Phase.LABELING, done=self.before, total=self._total())
+        except Exception:  # progress is best effort; labeling goes on
+            log.warning("labeling progress failed", exc_info=True)
+            self.before = 0
         self.thread.start()
         return self
 
@@ -193,27 +253,33 @@ class LabelingProgress:
 
     def _total(self) -> int | None:
         manifest = self.source_uri if sources.is_manifest(self.source_uri) else self.layout.source_manifest
-        return _parquet_rows(manifest)
+        return storage.parquet_rows(manifest)
+
+    def _written(self) -> int:
+        for part in (ledger.PREDICTIONS, ledger.REJECTS):
+            for uri in storage.list_files(storage.join(self.layout.labels, part), suffix=".parquet"):
+                if uri not in self.rows:
+                    rows = storage.parquet_rows(uri)
+                    if rows is not None:
+                        self.rows[uri] = rows
+        return sum(self.rows.values())
+
+    def _labeled_by_actors(self) -> int:
+        rows = 0
+        for uri in storage.list_files(self.actors, suffix=".json"):
+            try:
+                rows += int(storage.read_json(uri)["rows"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being rewritten: next time
+        return rows
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
             try:
-                for part in (ledger.PREDICTIONS, ledger.REJECTS):
-                    for uri in storage.list_files(storage.join(self.layout.labels, part), suffix=".parquet"):
-                        if uri not in self.rows:
-                            rows = _parquet_rows(uri)
-                            if rows is not None:
-                                self.rows[uri] = rows
-                write_progress(self.layout.progress, Phase.LABELING, done=sum(self.rows.values()), total=self._total())
+                done = max(self._written(), self.before + self._labeled_by_actors())
+                total = self._total()
+                write_progress(
+                    self.layout.progress, Phase.LABELING, done=min(done, total) if total else done, total=total
+                )
             except Exception:  # progress is best effort; labeling goes on
                 log.warning("labeling progress failed", exc_info=True)
-
-
-def _parquet_rows(uri: str) -> int | None:
-    """Row count from a Parquet footer; None while the file is missing or still being written."""
-    try:
-        fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    except (OSError, pa.ArrowInvalid):
-        return None

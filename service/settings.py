@@ -8,16 +8,15 @@ Ray workers alike) reads the standard AWS variables, listed in ``STORAGE_ENV``.
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service import storage
+from curation import access
 
-# Read by service/storage.py in every process that reaches s3:// (the API server and the Ray nodes).
+# Read by curation/storage.py in every process that reaches s3:// (the API server and the Ray nodes).
 STORAGE_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -54,7 +53,9 @@ class Settings(BaseSettings):
         Path("nstudent-data"), description="local state: SQLite database, embedded Ray head, generated tokens"
     )
     storage_root: str | None = Field(
-        None, description="where generations write their artifacts: a folder or s3://bucket/prefix; default <data_dir>/storage"
+        None,
+        description="where generations write their artifacts: a folder or s3://bucket/prefix; "
+        "default <data_dir>/storage",
     )
     source_roots: RootList = Field(
         default_factory=list,
@@ -64,7 +65,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None,
         validation_alias=AliasChoices("NSTUDENT_DATABASE_URL", "DATABASE_URL"),
-        description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; default SQLite at <data_dir>/nstudent.db",
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db; "
+        "default SQLite at <data_dir>/nstudent.db",
     )
     ray_address: str | None = Field(
         None,
@@ -79,29 +81,56 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray head; default: all")
     ray_num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray head; default: all")
-    read_tokens: TokenList = Field(default_factory=list, description="bearer tokens that may read (comma-separated)")
+    read_tokens: TokenList = Field(
+        default_factory=list,
+        description="bearer tokens that may read, comma-separated, each `name:token` (a bare token is `default`'s)",
+    )
     write_tokens: TokenList = Field(
-        default_factory=list, description="bearer tokens that may read and start or cancel generations (comma-separated)"
+        default_factory=list,
+        description="bearer tokens that may also start, cancel and retry generations (comma-separated `name:token`)",
+    )
+    admin_tokens: TokenList = Field(
+        default_factory=list, description="bearer tokens that may do everything for every principal (`name:token`)"
+    )
+    principal_roots: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='source roots of each principal, added to the global ones (JSON: {"team-a": ["s3://a/"]})',
     )
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
     poll_seconds: float = Field(2.0, gt=0, description="how often running generations are followed")
     max_page_size: int = Field(1000, ge=1, le=1000, description="largest `limit` of a paged listing")
     max_running_jobs: int = Field(
-        4, ge=1, le=1000,
+        4,
+        ge=1,
+        le=1000,
         description="generations whose jobs run on the cluster at once; the others wait as `queued`",
     )
     job_attempts: int = Field(
-        3, ge=1, le=100,
+        3,
+        ge=1,
+        le=100,
         description="attempts of a job that fails for an infrastructure reason (lost node, out of memory, storage "
         "errors, a restarted Ray head) before its generation fails",
     )
     retry_backoff_seconds: float = Field(
-        30.0, ge=0, le=3600,
+        30.0,
+        ge=0,
+        le=3600,
         description="wait before the second attempt of a job; doubled for each further one, at most 10 minutes",
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI (needs nstudent[mlflow]); passed to every job, whose training runs log "
+        "their parameters, metrics per checkpoint and final evaluation there",
+    )
 
-    @field_validator("read_tokens", "write_tokens", "source_roots", mode="before")
+    def job_env(self) -> dict[str, str]:
+        """Environment variables the control plane hands to each Ray job it submits."""
+        return {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri} if self.mlflow_tracking_uri else {}
+
+    @field_validator("read_tokens", "write_tokens", "admin_tokens", "source_roots", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split(value)
@@ -109,12 +138,17 @@ class Settings(BaseSettings):
     @field_validator("source_roots")
     @classmethod
     def _absolute_roots(cls, roots: list[str]) -> list[str]:
-        return [r if storage.is_remote(r) else os.path.realpath(r) for r in roots]
+        return [_root(r) for r in roots]
+
+    @field_validator("principal_roots")
+    @classmethod
+    def _absolute_principal_roots(cls, roots: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {name: [_root(r) for r in rs] for name, rs in roots.items()}
 
     @model_validator(mode="after")
     def _safe_in_production(self) -> Settings:
         if self.environment == "production":
-            if not self.write_tokens:
+            if not (self.write_tokens or self.admin_tokens):
                 raise ValueError("production needs NSTUDENT_WRITE_TOKENS (and usually NSTUDENT_READ_TOKENS)")
             if not self.ray_address:
                 raise ValueError("production needs RAY_ADDRESS: the dashboard URL of the Ray cluster")
@@ -130,8 +164,12 @@ class Settings(BaseSettings):
 
     @property
     def allowed_roots(self) -> list[str]:
-        root = self.storage if storage.is_remote(self.storage) else os.path.realpath(self.storage)
-        return [*self.source_roots, root]
+        """Where any principal may read from: the global source roots and the storage root."""
+        return [*self.source_roots, _root(self.storage)]
+
+
+def _root(root: str) -> str:
+    return access.normalize(root)
 
 
 def env_names() -> set[str]:
@@ -139,7 +177,10 @@ def env_names() -> set[str]:
     names: set[str] = set(STORAGE_ENV)
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
-        names.update(alias.choices if isinstance(alias, AliasChoices) else [f"NSTUDENT_{name.upper()}"])
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        else:
+            names.add(f"NSTUDENT_{name.upper()}")
     return names
 
 

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated
+
+from pydantic import Field
 
 from curation.balance import CurationConfig
+from curation.config import CleanStr, Config
+from curation.sources import SourceFormat
 from trainer.config import TrainConfig
-from workers.labeling import LabelConfig
+from workers.config import LabelConfig
+
+# A source or model URI: a local path or an s3:// URI, of a sane length.
+Uri = Annotated[CleanStr, Field(min_length=1, max_length=4096)]
 
 
-class GenerationConfig(BaseModel):
+class GenerationConfig(Config):
     """What a user chooses for a Noisy Student iteration: the sources and each stage's settings."""
 
-    teacher: str | None = Field(None, description="model folder URI of the teacher; none: train one on the labeled data")
-    labeled: str = Field(description="labeled source: an ImageFolder or a Parquet manifest with uri,label")
-    unlabeled: str = Field(description="unlabeled source: a folder of images or a Parquet manifest with a uri column")
-    eval: str = Field(description="held-out evaluation source, same forms as labeled; read only by evaluation")
+    teacher: Uri | None = Field(
+        None, description="model folder URI of the teacher; none: train one on the labeled data"
+    )
+    labeled: Uri = Field(
+        description="labeled source: an ImageFolder, a Parquet manifest with uri,label, WebDataset "
+        "tar shards with .cls members, or Parquet with image (bytes) and label columns"
+    )
+    unlabeled: Uri = Field(
+        description="unlabeled source: a folder of images, a Parquet manifest with a uri column, "
+        "WebDataset tar shards, or Parquet with an image (bytes) column"
+    )
+    eval: Uri = Field(description="held-out evaluation source, same forms as labeled; read only by evaluation")
+    labeled_format: SourceFormat | None = Field(
+        None,
+        description="format of the labeled source: files (an ImageFolder), manifest (uri,label), webdataset "
+        "(tar shards, labels in .cls members) or parquet-bytes (image bytes and label columns); none: inferred "
+        "(.tar: webdataset; Parquet with an image column: parquet-bytes, with uri: manifest; else a folder)",
+    )
+    unlabeled_format: SourceFormat | None = Field(
+        None,
+        description="format of the unlabeled source: files, manifest, webdataset (a .tar, or a folder or "
+        "prefix of them) or parquet-bytes (Parquet with an image column); none: inferred as for labeled_format",
+    )
+    eval_format: SourceFormat | None = Field(
+        None, description="format of the eval source, as labeled_format; none: inferred"
+    )
     label: LabelConfig = Field(default_factory=LabelConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     student: TrainConfig = Field(default_factory=TrainConfig)
@@ -26,3 +55,8 @@ class GenerationSpec(GenerationConfig):
     """One Noisy Student iteration: label the pool with the teacher, curate, fit the student."""
 
     output: str = Field(description="folder or s3:// prefix for this generation's artifacts")
+    roots: list[str] | None = Field(
+        None,
+        description="folders and s3:// prefixes the jobs may read from, checked at every read (the control "
+        "plane sets them from the principal's roots); none: anywhere, for a generation run from the command line",
+    )

@@ -7,15 +7,16 @@ stale read (optimistic locking), so two control-plane replicas can follow the sa
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, Text, create_engine, event, func, select
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from service.states import TERMINAL, Attempt, JobKind, Stage
@@ -24,9 +25,8 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -35,6 +35,7 @@ class Base(DeclarativeBase):
 
 class Generation(Base):
     __tablename__ = "generations"
+    __table_args__ = (sa.UniqueConstraint("created_by", "idempotency_key", name="uq_generations_principal_key"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
@@ -44,7 +45,9 @@ class Generation(Base):
     chain_id: Mapped[str] = mapped_column(String(32), index=True)
     chain_index: Mapped[int] = mapped_column(Integer, default=0)
     parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    # Unique per principal (created_by, idempotency_key): one team's key never answers another's request.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(64), default="default", index=True, doc="the principal")
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType, doc="GenerationSpec JSON; teacher may be a parent id")
     output: Mapped[str] = mapped_column(Text)
@@ -84,6 +87,19 @@ class Dataset(Base):
     rows: Mapped[int] = mapped_column(BigInteger)
     checksum: Mapped[str] = mapped_column(String(64))
     stats: Mapped[dict[str, Any]] = mapped_column(JSONType, doc="DatasetStats JSON")
+
+
+class AuditEntry(Base):
+    """One write through the API: who did what, to which generation, when."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    principal: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
 
 class StaleWrite(RuntimeError):
@@ -136,29 +152,51 @@ class Store:
 
     # generations
 
-    def add_chain(self, generations: list[Generation]) -> None:
-        """Insert a chain at once; an idempotency key already taken raises ``sa.exc.IntegrityError``."""
+    def add_chain(self, generations: list[Generation], audit: tuple[str, str, str, dict[str, Any]]) -> None:
+        """Insert a chain and its audit entry at once; an idempotency key already taken raises
+        ``sa.exc.IntegrityError``."""
+        principal, action, target, detail = audit
         with self.sessions.begin() as s:
             s.add_all(generations)
+            s.add(AuditEntry(principal=principal, action=action, target=target, detail=detail))
+
+    def audit(self, principal: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+        with self.sessions.begin() as s:
+            s.add(AuditEntry(principal=principal, action=action, target=target, detail=detail or {}))
+
+    def audit_log(self, *, offset: int, limit: int) -> tuple[list[AuditEntry], int]:
+        with self.sessions() as s:
+            count = s.scalar(select(func.count()).select_from(AuditEntry)) or 0
+            rows = s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).offset(offset).limit(limit))
+            return list(rows), count
+
+    def owner(self, generation_id: str) -> str | None:
+        with self.sessions() as s:
+            return s.scalar(select(Generation.created_by).where(Generation.id == generation_id))
 
     def get(self, generation_id: str) -> Generation | None:
         with self.sessions() as s:
             return s.get(Generation, generation_id)
 
-    def by_idempotency_key(self, key: str) -> Generation | None:
+    def by_idempotency_key(self, key: str, principal: str) -> Generation | None:
         with self.sessions() as s:
-            return s.scalars(select(Generation).where(Generation.idempotency_key == key)).first()
+            q = select(Generation).where(Generation.idempotency_key == key, Generation.created_by == principal)
+            return s.scalars(q).first()
 
     def chain(self, chain_id: str) -> list[Generation]:
         with self.sessions() as s:
             q = select(Generation).where(Generation.chain_id == chain_id).order_by(Generation.chain_index)
             return list(s.scalars(q))
 
-    def page(self, *, offset: int, limit: int, stage: str | None = None) -> tuple[list[Generation], int]:
+    def page(
+        self, *, offset: int, limit: int, stage: str | None = None, created_by: str | None = None
+    ) -> tuple[list[Generation], int]:
         with self.sessions() as s:
             q = select(Generation)
             if stage:
                 q = q.where(Generation.stage == stage)
+            if created_by is not None:
+                q = q.where(Generation.created_by == created_by)
             count = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             rows = s.scalars(q.order_by(Generation.created_at.desc(), Generation.id).offset(offset).limit(limit))
             return list(rows), count
@@ -166,15 +204,21 @@ class Store:
     def later_in_chain(self, g: Generation) -> list[Generation]:
         """The generations of ``g``'s chain after it, in order."""
         with self.sessions() as s:
-            q = (select(Generation).where(Generation.chain_id == g.chain_id, Generation.chain_index > g.chain_index)
-                 .order_by(Generation.chain_index))
+            q = (
+                select(Generation)
+                .where(Generation.chain_id == g.chain_id, Generation.chain_index > g.chain_index)
+                .order_by(Generation.chain_index)
+            )
             return list(s.scalars(q))
 
     def unfinished(self) -> Iterator[Generation]:
         with self.sessions() as s:
             # Cancellations first: they need no Ray, so they go through even while Ray is unreachable.
-            q = (select(Generation).where(Generation.stage.not_in(TERMINAL))
-                 .order_by(Generation.cancel_requested.desc(), Generation.created_at))
+            q = (
+                select(Generation)
+                .where(Generation.stage.not_in(TERMINAL))
+                .order_by(Generation.cancel_requested.desc(), Generation.created_at)
+            )
             return iter(list(s.scalars(q)))
 
     def update(self, generation: Generation, **changes: Any) -> Generation:
@@ -185,9 +229,9 @@ class Store:
                 .where(Generation.id == generation.id, Generation.version == generation.version)
                 .values(version=generation.version + 1, updated_at=utcnow(), **changes)
             )
-            if result.rowcount != 1:
+            if cast(CursorResult, result).rowcount != 1:
                 raise StaleWrite(f"generation {generation.id} changed since version {generation.version}")
-            updated = s.get(Generation, generation.id, populate_existing=True)
+            updated = s.get_one(Generation, generation.id, populate_existing=True)
         for listener in self.listeners:
             listener(generation.id)
         return updated

@@ -55,10 +55,99 @@ def write_pool(root: str, good: int, seed: int = 0) -> tuple[list[str], dict[str
     return good_paths, bad
 
 
-def untrained_model(uri: str, *, classes: int = 10, architecture: str = "test_resnet", input_size: int = 32) -> ModelMeta:
-    meta = ModelMeta(architecture=architecture, class_names=[str(c) for c in range(classes)],
-                     input_size=input_size, **DIGIT_STATS)
+def untrained_model(
+    uri: str, *, classes: int = 10, architecture: str = "test_resnet", input_size: int = 32
+) -> ModelMeta:
+    meta = ModelMeta(
+        architecture=architecture, class_names=[str(c) for c in range(classes)], input_size=input_size, **DIGIT_STATS
+    )
     model = models.create(meta)
     meta.parameters = models.count_parameters(model)
     models.save(model, meta, uri)
     return meta
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A valid-looking 1-bit greyscale PNG header of ``side`` x ``side`` pixels over a few kB of deflated zero
+    rows: 10^10 pixels (30 GB as RGB) declared in about 10 kB."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (1 + side // 8) * 800, 9)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_16bit() -> bytes:
+    """16 x 16 16-bit greyscale: the values 257 * k for k = 0..255, so 8-bit k exactly (mean 127.5)."""
+    return _save(Image.fromarray((np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)), "PNG")
+
+
+def jpeg_with_orientation() -> bytes:
+    """Stored 40 wide x 20 high, left half red, right half blue, with EXIF orientation 6 (rotate 90 degrees
+    clockwise to display): shown upright it is 20 wide x 40 high, red on top, blue below."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _save(Image.fromarray(pixels), "JPEG", quality=95, exif=exif)
+
+
+def palette_png_with_transparency() -> bytes:
+    """8 x 8 palette image: left half palette entry 0 (black, fully transparent), right half entry 1 (red)."""
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    img.paste(1, (4, 0, 8, 8))
+    return _save(img, "PNG", transparency=0)
+
+
+def cmyk_jpeg() -> bytes:
+    """16 x 16 CMYK JPEG of pure red (no cyan, full magenta and yellow)."""
+    return _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
+
+
+def animated_gif() -> bytes:
+    """Two 8 x 8 frames: red, then blue."""
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+# name -> (bytes factory, expected reason; "" = kept): files that once failed a labeling or training job.
+EDGE_FILES = {
+    "strip-1x1000000.png": (lambda rng: _save(Image.new("L", (1, 1_000_000)), "PNG", optimize=True), "bad_geometry"),
+    "strip-100000x1.png": (lambda rng: _save(Image.new("L", (100_000, 1)), "PNG", optimize=True), "bad_geometry"),
+    "bomb-100000x100000.png": (lambda rng: png_bomb(), "too_large"),
+    "grey-16bit.png": (lambda rng: png_16bit(), ""),
+    "exif-orientation-6.jpg": (lambda rng: jpeg_with_orientation(), ""),
+    "palette-transparent.png": (lambda rng: palette_png_with_transparency(), ""),
+    "cmyk.jpg": (lambda rng: cmyk_jpeg(), ""),
+    "animated.gif": (lambda rng: animated_gif(), ""),
+    **BAD_FILES,
+}
+
+
+def write_edge_files(root: str, seed: int = 0) -> dict[str, str]:
+    """Every EDGE_FILES entry under ``root``; returns {path: expected reason ("" = kept)}."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    out = {}
+    for name, (make, reason) in EDGE_FILES.items():
+        path = os.path.join(root, name)
+        with open(path, "wb") as f:
+            f.write(make(rng))
+        out[path] = reason
+    return out

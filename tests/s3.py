@@ -1,4 +1,4 @@
-"""Buckets on the session's S3 server (tests/conftest.py ``s3_server``)."""
+"""Buckets on the session's S3 server (tests/conftest.py ``s3_proxy``: moto behind the fault proxy)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
+from curation import storage
 
 
 def client():
-    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
+    """A boto3 client of the session's S3, with the project's retry policy (``curation.storage.s3_client``)."""
+    return storage.s3_client()
 
 
 def new_bucket(prefix: str = "nst") -> str:
@@ -22,7 +23,7 @@ def new_bucket(prefix: str = "nst") -> str:
 
 def upload_folder(folder: str, uri: str) -> list[str]:
     """Every file under ``folder`` to the prefix ``uri``, same relative paths; returns the object URIs."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     pairs = []
     for root, _, files in os.walk(folder):
         for name in files:

@@ -1,14 +1,22 @@
-"""Input noise and targets, applied per batch in Ray Data tasks upstream of the training workers."""
+"""Input noise and targets, applied per batch in Ray Data tasks upstream of the training workers.
+
+Images are read by URI. A URI ``<container>#<member>`` names an image inside a WebDataset tar shard or a
+Parquet file of image bytes (``curation.shards``): the rows of a batch that name one container are read
+together, with one pass over it (a tar streamed from start to end, a Parquet file's row groups that hold
+them), never one member at a time. ``trainer.data`` puts all the rows of a container in one batch, so each
+container is read once per pass over the data.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 from timm.data.auto_augment import rand_augment_transform
 
-from curation import imaging
-from service import storage
+from curation import access, imaging, shards, storage
 from trainer.config import NoiseConfig
 
 log = logging.getLogger(__name__)
@@ -23,26 +31,142 @@ def randaugment(noise: NoiseConfig, mean: tuple[float, float, float]):
     return rand_augment_transform(spec, {"img_mean": fill})
 
 
-def load_pixels(
-    batch: dict[str, np.ndarray], *, size: int, crop_pct: float, noise: NoiseConfig | None, mean
-) -> dict[str, np.ndarray]:
-    """Decode, resize and (with ``noise``) augment every row; rows that fail to decode are dropped and logged."""
-    augment = randaugment(noise, mean) if noise is not None else None
-    keep, pixels = [], []
-    for i, uri in enumerate(batch["uri"]):
+# Column of a prepared batch: -1 for an image decoded, else the index of its reason in imaging.REJECT_REASONS.
+# A row whose image cannot be used is never dropped and never fails a task: it keeps its place with zero
+# pixels, and the training loop leaves it out and counts it by reason (so a stream keeps its length, and the
+# counts reach the model's metrics).
+SKIP = "skip"
+KEPT = -1
+_REASON_INDEX = {r: i for i, r in enumerate(imaging.REJECT_REASONS)}
+
+
+def _fetch(uris: np.ndarray, max_file_bytes: int) -> Iterator[tuple[list[int], bytes | BaseException]]:
+    """(the rows that name one image, its bytes or the error reading it raised), once per distinct image: a
+    plain file read once whatever its copies, the members of one container read together in one pass over it
+    (a tar in its own order, a Parquet file's row groups that hold them), as they come."""
+    plain: dict[str, list[int]] = defaultdict(list)
+    contained: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, uri in enumerate(uris):
+        uri = str(uri)
+        parts = shards.split(uri)
+        if parts is None:
+            plain[uri].append(i)
+        else:
+            contained[parts[0]][parts[1]].append(i)
+    # Plain files are read several at a time (a remote store's latency hidden). An object that is missing or
+    # forbidden comes back as its error, that image's skip; a store still failing after its client's retries
+    # raises storage.StorageUnavailable and fails the task, so no image is skipped for a fault of the store.
+    # Only regular files, of at most max_file_bytes, are read (curation.access); the rows' roots were checked by
+    # the job before training started.
+    policy = access.ReadPolicy(None, max_file_bytes)
+    for rows, data in zip(plain.values(), storage.iter_read(list(plain), reader=policy.read)):
+        yield rows, data
+    for container, members in contained.items():
+        left = dict(members)
+        error: BaseException | None = None
         try:
-            img = imaging.decode_rgb(storage.read_bytes(str(uri)))
-        except (OSError, ValueError, imaging.RejectedImage) as e:
-            log.warning("skipping %s: %s", uri, e)
-            continue
-        img = imaging.resize_square(img, size, crop_pct)
-        if augment is not None:
-            img = augment(img)
-        keep.append(i)
-        pixels.append(imaging.to_array(img))
-    out = {k: v[keep] for k, v in batch.items() if k != "uri"}
-    out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+            if shards.is_tar(container):
+                for name, data in shards.read_tar_members(container, list(left)):
+                    yield left.pop(name), data
+            else:
+                numbered = {int(m): m for m in left if m.isdigit()}
+                for row, data in shards.read_parquet_rows(container, numbered):
+                    yield left.pop(numbered[row]), data
+        except Exception as e:  # noqa: BLE001 - OSError, tarfile.TarError...: members read before it are kept
+            error = e
+        for member, rows in left.items():
+            yield rows, error or FileNotFoundError(f"{container} holds no member {member!r}")
+
+
+def _decode(
+    uri: str, data: bytes | BaseException, size: int, crop_pct: float, decode: imaging.DecodeConfig | None, augment
+) -> tuple[np.ndarray | None, int]:
+    """(pixels, KEPT) or (None, the index of the reason it is skipped)."""
+    if isinstance(data, BaseException):
+        reason = (
+            data.reason
+            if isinstance(data, access.Refused)
+            else imaging.TOO_LARGE
+            if isinstance(data, MemoryError)
+            else imaging.MISSING
+        )
+        log.warning("skipping %s: %s: %s", uri, type(data).__name__, data)
+        return None, _REASON_INDEX[reason]
+    try:
+        return imaging.decode_for_model(data, size, crop_pct, decode, transform=augment), KEPT
+    except imaging.RejectedImage as e:  # the only exception it raises
+        log.warning("skipping %s: %s", uri, e)
+        return None, _REASON_INDEX[e.reason]
+
+
+def load_pixels(
+    batch: dict[str, np.ndarray],
+    *,
+    size: int,
+    crop_pct: float,
+    noise: NoiseConfig | None,
+    mean,
+    decode: imaging.DecodeConfig | None = None,
+) -> dict[str, np.ndarray]:
+    """Read, decode, resize and (with ``noise``) augment every row, in the batch's order; a row whose image
+    cannot be used has zero pixels and its reason in ``SKIP``."""
+    augment = randaugment(noise, mean) if noise is not None else None
+    uris = batch["uri"]
+    pixels = np.zeros((len(uris), size, size, 3), np.uint8)
+    skip = np.full(len(uris), KEPT, np.int8)
+    for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
+        for i in rows:
+            px, skip[i] = _decode(str(uris[i]), data, size, crop_pct, decode, augment)
+            if px is not None:
+                pixels[i] = px
+    out = {k: v for k, v in batch.items() if k != "uri"}
+    out["pixels"], out[SKIP] = pixels, skip
     return out
+
+
+def iter_pixels(
+    batch: dict[str, np.ndarray],
+    *,
+    size: int,
+    crop_pct: float,
+    noise: NoiseConfig | None,
+    mean,
+    chunk_rows: int,
+    decode: imaging.DecodeConfig | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``load_pixels`` in pieces of ``chunk_rows`` rows, in the order the images are read (a container's own
+    order): memory holds one piece of pixels and one image's bytes, never a whole container."""
+    augment = randaugment(noise, mean) if noise is not None else None
+    uris = batch["uri"]
+    order: list[int] = []
+    pixels = np.zeros((chunk_rows, size, size, 3), np.uint8)
+    skip = np.full(chunk_rows, KEPT, np.int8)
+
+    def piece() -> dict[str, np.ndarray]:
+        n = len(order)
+        out = {k: v[order] for k, v in batch.items() if k != "uri"}
+        out["pixels"], out[SKIP] = pixels[:n].copy(), skip[:n].copy()
+        return out
+
+    for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
+        for i in rows:
+            px, code = _decode(str(uris[i]), data, size, crop_pct, decode, augment)
+            j = len(order)
+            pixels[j] = 0 if px is None else px
+            skip[j] = code
+            order.append(i)
+            if len(order) == chunk_rows:
+                yield piece()
+                order.clear()
+    if order:
+        yield piece()
+
+
+def skipped_counts(skip: np.ndarray) -> dict[str, int]:
+    """Rows skipped by reason, from the ``SKIP`` column of prepared batches."""
+    skip = np.asarray(skip, np.int64)
+    counts = np.bincount(skip[skip >= 0], minlength=len(imaging.REJECT_REASONS))
+    return {r: int(c) for r, c in zip(imaging.REJECT_REASONS, counts) if c}
 
 
 def hard_targets(labels: np.ndarray, num_classes: int, smoothing: float) -> np.ndarray:
@@ -51,9 +175,7 @@ def hard_targets(labels: np.ndarray, num_classes: int, smoothing: float) -> np.n
     return t
 
 
-def soft_targets(
-    topk_classes: np.ndarray, topk_probs: np.ndarray, num_classes: int, temperature: float
-) -> np.ndarray:
+def soft_targets(topk_classes: np.ndarray, topk_probs: np.ndarray, num_classes: int, temperature: float) -> np.ndarray:
     """Dense targets from top-k soft labels, renormalised over the k classes, sharpened by 1/temperature."""
     probs = np.asarray(topk_probs, dtype=np.float64) ** (1.0 / temperature)
     probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)

@@ -26,11 +26,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from curation.layout import Phase, write_progress
-from service import storage
-from trainer import data, models
+from curation import imaging, storage
+from curation.layout import Phase, progress_seconds, write_progress
+from trainer import data, models, noise
 from trainer.config import TrainConfig
-from trainer.models import ModelMeta
+from trainer.meta import ModelMeta, ModelShape
+from trainer.tracking import Tracker, TrackingConfig, tracking_config
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,17 @@ class TrainResult(BaseModel):
 
 
 def _train_loop(cfg: dict[str, Any]) -> None:
+    """Ray Train's loop on each worker; rank 0 also tracks the run in MLflow when the driver asked for it."""
+    rank = ray.train.get_context().get_world_rank()
+    tracker = Tracker(TrackingConfig.model_validate(cfg.get("tracking") or {}) if rank == 0 else TrackingConfig())
+    try:
+        _fit(cfg, tracker)
+    except BaseException:
+        tracker.fail()
+        raise
+
+
+def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
     config = TrainConfig.model_validate(cfg["config"])
     meta = ModelMeta.model_validate(cfg["meta"])
     ctx = ray.train.get_context()
@@ -61,14 +73,18 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
     optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=config.steps, warmup_t=config.warmup_steps, warmup_lr_init=config.lr / 100,
-        lr_min=config.lr / 100, t_in_epochs=False,
+        optimizer,
+        t_initial=config.steps,
+        warmup_t=config.warmup_steps,
+        warmup_lr_init=config.lr / 100,
+        lr_min=config.lr / 100,
+        t_in_epochs=False,
     )
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -82,7 +98,9 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     def batches(name: str, batch_size: int):
         shard = ray.train.get_dataset_shard(name)
         return shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=config.shuffle_buffer or None,
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=config.shuffle_buffer or None,
             device=device,
         )
 
@@ -90,12 +108,15 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     pseudo = batches("pseudo", config.unlabeled_batch_size) if cfg["has_pseudo"] else None
     started, seen, loss_sum = time.time(), 0, 0.0
     steady_from, steady_seen, last_step_at = None, 0, started
+    # Progress for the bars: written at the first step and then every few seconds (a small file write).
+    shown = {"at": started, "seen": 0, "loss": 0.0, "steps": 0}
+    progress_seconds = float(cfg.get("progress_seconds") or 2.0)
+    skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     model.train()
     for parts in zip(labeled, pseudo) if pseudo is not None else ((b,) for b in labeled):
         if step >= config.steps:
             break
-        pixels = torch.cat([p["pixels"] for p in parts])
-        target = torch.cat([p["target"] for p in parts])
+        pixels, target = _usable(parts, skipped)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(model(models.normalize(pixels, meta)), target)
         optimizer.zero_grad(set_to_none=True)
@@ -105,30 +126,60 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         scheduler.step_update(step)
         ema.update(model, step=step)
         seen += len(pixels)
-        loss_sum += loss.item()
+        loss_value = loss.item()
+        loss_sum += loss_value
         last_step_at = time.time()
+        shown["loss"], shown["steps"] = shown["loss"] + loss_value, shown["steps"] + 1
+        if rank == 0 and (step == resumed_from + 1 or last_step_at - shown["at"] >= progress_seconds):
+            # The first step's time holds the wait for the data streams: no rate from it.
+            rate = (seen - shown["seen"]) * world / max(last_step_at - shown["at"], 1e-9) if shown["seen"] else None
+            _write_progress(
+                cfg,
+                Phase.TRAINING,
+                step=step,
+                steps=config.steps,
+                loss=shown["loss"] / shown["steps"],
+                images_per_second=rate,
+            )
+            shown.update(at=last_step_at, seen=seen, loss=0.0, steps=0)
         if step == resumed_from + STEADY_AFTER_STEPS:
             steady_from, steady_seen = last_step_at, seen
         if step % config.checkpoint_every == 0 or step == config.steps:
-            metrics = {"step": step, "loss": loss_sum / config.checkpoint_every,
-                       "images_per_second": seen * world / (time.time() - started)}
+            metrics = {
+                "step": step,
+                "loss": loss_sum / config.checkpoint_every,
+                "images_per_second": seen * world / (time.time() - started),
+            }
             loss_sum = 0.0
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     torch.save(
-                        {"model": _unwrap(model).state_dict(), "ema": ema.module.state_dict(),
-                         "optimizer": optimizer.state_dict(), "step": step},
+                        {
+                            "model": _unwrap(model).state_dict(),
+                            "ema": ema.module.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "step": step,
+                        },
                         os.path.join(d, CHECKPOINT_FILE),
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
             if rank == 0:
-                _write_progress(cfg, Phase.TRAINING, step=step, steps=config.steps)
+                _write_progress(
+                    cfg,
+                    Phase.TRAINING,
+                    step=step,
+                    steps=config.steps,
+                    loss=metrics["loss"],
+                    images_per_second=metrics["images_per_second"],
+                )
+                tracker.log({"loss": metrics["loss"], "images_per_second": metrics["images_per_second"]}, step)
     if step < config.steps:
         raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
 
     if rank == 0:
         _write_progress(cfg, Phase.EVALUATING, step=step, steps=config.steps)
     metrics = _evaluate(ema.module, meta, device, world)
+    metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
     metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
     if steady_from is not None and last_step_at > steady_from:
         metrics["train_steady_images_per_second"] = (seen - steady_seen) * world / (last_step_at - steady_from)
@@ -136,13 +187,18 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     metrics["resumed_from_step"] = float(resumed_from)
     if rank == 0:
         models.save(ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
+        tracker.finish(metrics, step)
     ray.train.report({"step": step, **metrics})
 
 
-def _write_progress(cfg: dict[str, Any], phase: Phase, **progress: int) -> None:
-    """The generation's progress file, which the control plane reads to show progress."""
+def _write_progress(cfg: dict[str, Any], phase: Phase, **progress: int | float) -> None:
+    """The generation's progress file, which the control plane reads to show progress (best effort: a failed
+    write never stops training)."""
     if cfg.get("progress_uri"):
-        write_progress(cfg["progress_uri"], phase, **progress)
+        try:
+            write_progress(cfg["progress_uri"], phase, **progress)
+        except OSError as e:
+            log.warning("could not write progress: %s", e)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,14 +209,55 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _evaluate(model: torch.nn.Module, meta: ModelMeta, device: torch.device, world: int) -> dict[str, float]:
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     shard = ray.train.get_dataset_shard("eval")
     for batch in shard.iter_torch_batches(batch_size=256, device=device):
-        pred = model(models.normalize(batch["pixels"], meta)).argmax(dim=1)
-        counts[0] += (pred == batch["label"]).sum()
+        ok = _count_skips(batch[noise.SKIP], skipped)
+        if not bool(ok.any()):
+            continue  # no collective call in this loop: ranks may skip different batches
+        pred = model(models.normalize(batch["pixels"][ok], meta)).argmax(dim=1)
+        counts[0] += (pred == batch["label"][ok]).sum()
         counts[1] += len(pred)
     if world > 1:
         dist.all_reduce(counts)
-    return {"test_accuracy": float(counts[0] / max(counts[1], 1)), "test_images": float(counts[1])}
+    return {
+        "test_accuracy": float(counts[0] / max(counts[1], 1)),
+        "test_images": float(counts[1]),
+        **_skip_metrics(skipped, world, device, prefix="eval_skipped"),
+    }
+
+
+def _count_skips(skip: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Add a batch's skipped rows to ``counts`` by reason; the mask of its usable rows."""
+    ok = skip < 0
+    if not bool(ok.all()):
+        counts += torch.bincount(skip[~ok].long().cpu(), minlength=len(counts))
+    return ok
+
+
+def _usable(parts: tuple[dict[str, torch.Tensor], ...], skipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels and targets of a step's batches (labeled, pseudo-labeled) less the rows whose image was skipped,
+    counted by reason into ``skipped``. When no row is usable the step still runs (data-parallel workers
+    must all take part in it) on the zero images with zero targets: a loss of 0, no change to the weights
+    but the EMA's decay."""
+    oks = [_count_skips(p[noise.SKIP], skipped) for p in parts]
+    pixels = torch.cat([p["pixels"][ok] for p, ok in zip(parts, oks)])
+    target = torch.cat([p["target"][ok] for p, ok in zip(parts, oks)])
+    if len(pixels):
+        return pixels, target
+    return torch.cat([p["pixels"] for p in parts]), torch.zeros_like(torch.cat([p["target"] for p in parts]))
+
+
+def _skip_metrics(skipped: torch.Tensor, world: int, device: torch.device, *, prefix: str) -> dict[str, float]:
+    """``<prefix>_images`` (images skipped by every worker since the run last started) and
+    ``<prefix>_<reason>`` for each reason with any."""
+    if world > 1:
+        skipped = skipped.to(device)
+        dist.all_reduce(skipped)
+    counts = skipped.cpu().tolist()
+    out = {f"{prefix}_images": float(sum(counts))}
+    out.update({f"{prefix}_{r}": float(c) for r, c in zip(imaging.REJECT_REASONS, counts) if c})
+    return out
 
 
 def train(
@@ -185,13 +282,8 @@ def train(
     """
     num_classes = len(class_names)
     meta = ModelMeta(
-        architecture=config.architecture,
-        model_kwargs=config.model_kwargs,
+        **config.model_dump(include=set(ModelShape.model_fields)),
         class_names=class_names,
-        input_size=config.input_size,
-        crop_pct=config.crop_pct,
-        mean=config.mean,
-        std=config.std,
         config=config.model_dump(mode="json"),
         code_version=code_version,
     )
@@ -200,16 +292,34 @@ def train(
     per_step = config.steps * config.workers
     datasets = {
         "labeled": data.stream(
-            ray.data.from_arrow(labeled.select(["uri", "label"])), labeled.num_rows,
-            per_step * config.batch_size, config, num_classes, seed=config.seed,
+            ray.data.from_arrow(labeled.select(["uri", "label"])),
+            labeled.num_rows,
+            per_step * config.batch_size,
+            config,
+            num_classes,
+            seed=config.seed,
+            by_container=data.names_members(labeled.column("uri")),
         ),
-        "eval": data.evaluation(ray.data.from_arrow(eval_set.select(["uri", "label"])), config, num_classes),
+        "eval": data.evaluation(
+            ray.data.from_arrow(eval_set.select(["uri", "label"])),
+            config,
+            num_classes,
+            by_container=data.names_members(eval_set.column("uri")),
+        ),
     }
     if pseudo_manifest_uri is not None:
         manifest = data.read_manifest(pseudo_manifest_uri, ["uri", "label", "topk_classes", "topk_probs", "copies"])
         datasets["pseudo"] = data.stream(
-            manifest, pseudo_rows, per_step * config.unlabeled_batch_size, config, num_classes, seed=config.seed + 1
+            manifest,
+            pseudo_rows,
+            per_step * config.unlabeled_batch_size,
+            config,
+            num_classes,
+            seed=config.seed + 1,
+            by_container=data.manifest_names_members(pseudo_manifest_uri),
         )
+    # On S3, the project's filesystem: checkpoints follow its retry policy (curation.storage).
+    checkpoint_path, checkpoint_fs = storage.ray_storage(storage_path)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -218,19 +328,37 @@ def train(
             "model_uri": model_uri,
             "has_pseudo": pseudo_manifest_uri is not None,
             "progress_uri": progress_uri,
+            "progress_seconds": progress_seconds(),
+            # MLflow, when MLFLOW_TRACKING_URI is set where the run starts (a job gets it from the control plane).
+            "tracking": tracking_config(
+                run_name,
+                params={
+                    **config.model_dump(mode="json"),
+                    "num_classes": num_classes,
+                    "labeled_images": labeled.num_rows,
+                    "pseudo_rows": pseudo_rows,
+                },
+                tags={"model_uri": model_uri, "code_version": code_version, "checkpoints": storage_path},
+            ).model_dump(),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers, use_gpu=use_gpu,
+            num_workers=config.workers,
+            use_gpu=use_gpu,
             resources_per_worker=None if use_gpu else {"CPU": config.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=checkpoint_path,
+            storage_filesystem=checkpoint_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # A lost node or a killed worker restarts the worker group, which goes on from the last checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
         datasets=datasets,
     )
     started = time.time()
+    # The stage starts now, Ray Train's start-up included, not at its first step.
+    _write_progress({"progress_uri": progress_uri}, Phase.TRAINING, step=0, steps=config.steps)
     trainer.fit()
     # The model folder is the record of what was trained: read the metrics back from it.
     saved = models.load_meta(model_uri)

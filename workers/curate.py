@@ -12,7 +12,7 @@ doubles the peak memory and halves the throughput (docs/benchmarks.md).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +20,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from curation import balance
+from curation import balance, storage
 from curation.balance import CurationConfig
 from curation.stats import ClassStats, DatasetStats, config_hash
-from service import storage
 
 # On-disk bytes of Parquet read by one task (whole files): a few hundred tasks for hundreds of millions of rows.
 READ_UNIT_BYTES = 32 << 20
@@ -40,8 +39,10 @@ def _read_units(uri: str) -> list[list[str]]:
         infos = [info]
     else:
         selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-        infos = sorted((i for i in fs.get_file_info(selector)
-                        if i.type == pafs.FileType.File and i.path.endswith(".parquet")), key=lambda i: i.path)
+        infos = sorted(
+            (i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
+            key=lambda i: i.path,
+        )
     prefix = uri.split("://", 1)[0] + "://" if storage.is_remote(uri) else ""
     units: list[list[str]] = []
     size = READ_UNIT_BYTES
@@ -85,8 +86,9 @@ def _over_units(units: list[list[str]], fn, **fn_kwargs) -> ray.data.Dataset:
 def _unit_histogram(files: list[str], *, num_classes: int) -> Iterator[pa.Table]:
     hist = np.zeros((num_classes, balance.NUM_BINS), dtype=np.int64)
     for table in _tables(files, ["label", "confidence"]):
-        hist += balance.class_histogram(table.column("label").to_numpy(), table.column("confidence").to_numpy(),
-                                        num_classes)
+        hist += balance.class_histogram(
+            table.column("label").to_numpy(), table.column("confidence").to_numpy(), num_classes
+        )
     yield pa.table({"hist": pa.FixedSizeListArray.from_arrays(pa.array(hist.ravel()), hist.size)})
 
 
@@ -121,6 +123,7 @@ def _sum_blocks(ds: ray.data.Dataset, shapes: dict[str, tuple[int, ...]]) -> dic
     held at a time. A fixed-size-list column is summed element-wise; uint64 columns wrap modulo 2**64."""
     totals = {name: np.zeros(shape, dtype=np.int64) for name, shape in shapes.items()}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        assert isinstance(batch, pa.Table)  # batch_format="pyarrow"
         for name, shape in shapes.items():
             column = batch.column(name).combine_chunks()
             values = (column.flatten() if pa.types.is_fixed_size_list(column.type) else column).to_numpy()
@@ -160,8 +163,10 @@ def curate(
 
     written_units = _read_units(manifest_uri)
     if written_units:
-        sums = _sum_blocks(_over_units(written_units, _unit_written, num_classes=num_classes),
-                           {"kept": (num_classes,), "copies": (num_classes,), "digest": ()})
+        sums = _sum_blocks(
+            _over_units(written_units, _unit_written, num_classes=num_classes),
+            {"kept": (num_classes,), "copies": (num_classes,), "digest": ()},
+        )
         kept, copies, digest = sums["kept"], sums["copies"], int(sums["digest"])
     else:  # nothing passed the floor: an empty manifest, reported as such
         kept, copies, digest = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64), 0
@@ -185,6 +190,7 @@ def curate(
                 eligible=int(plan.eligible[c]),
                 kept=int(kept[c]),
                 copies=int(copies[c]),
+                confidence_histogram=hist[c].tolist(),
             )
             for c in range(num_classes)
         ],

@@ -12,8 +12,15 @@ committed (its rows were in flight when the job died) is read again without the 
 which are read back from the few committed files that hold rows of such shards. So a killed job, run again,
 labels every row exactly once, and memory depends on the rows in flight, not on the size of the source.
 
-``labeling-run.json`` records what the outputs were made from (source, teacher, top-k, shard size). A run
-with anything different clears the folder first, so outputs of two different runs never mix.
+WebDataset and parquet-bytes sources are read in their own units: a shard is one tar file (``TarPlan``,
+streamed once, from start to end, by one read task) or one Parquet row group (``ShardPlan.per_row_group``).
+How many images a tar shard holds is known only once it has been streamed: the read task then writes
+``shard-sizes/<shard>.json``, a fact about the source rather than a commit; until it exists the shard counts
+as not finished, and is read again less the ids already committed. The tar files of a folder are listed once
+into ``source-shards.parquet``.
+
+``labeling-run.json`` records what the outputs were made from (source, format, teacher, top-k, shard size). A
+run with anything different clears the folder first, so outputs of two different runs never mix.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from curation import sources
-from service import storage
+from curation import sources, storage
 
 PREDICTIONS = "predictions"
 REJECTS = "rejects"
@@ -39,6 +47,8 @@ STAGING = "_staging"
 RUN_RECORD = "labeling-run.json"
 RESULT = "labeling.json"
 SOURCE_MANIFEST = "source.parquet"  # where a folder source is listed, once
+SOURCE_SHARDS = "source-shards.parquet"  # where the tar shards of a WebDataset folder are listed, once
+SHARD_SIZES = "shard-sizes"  # images per tar shard, written by the read task that streamed it
 
 # Threads reading ledger entries and committed files' ids when a job resumes (small objects, I/O bound).
 READ_THREADS = 16
@@ -70,6 +80,11 @@ class ShardPlan:
             group_first_shard=np.concatenate([[0], np.cumsum(per_group)]).astype(np.int64),
             shard_rows=shard_rows,
         )
+
+    @classmethod
+    def per_row_group(cls, uri: str) -> ShardPlan:
+        """One shard per row group of a Parquet source (parquet-bytes: the row group is the read unit)."""
+        return cls.from_manifest(uri, max([n for _, _, n in sources.row_groups(uri)], default=1) or 1)
 
     @property
     def num_shards(self) -> int:
@@ -111,11 +126,59 @@ class ShardPlan:
         return np.stack([first, stop], axis=1)[pending].astype(np.int64)
 
 
+@dataclass(frozen=True)
+class TarPlan:
+    """The shards of a WebDataset source: one per tar file, in the order listed. Their sizes are unknown (-1)
+    until a read task has streamed them (``record_size``)."""
+
+    files: list[str]
+
+    @classmethod
+    def listed(cls, source_uri: str, out_uri: str) -> TarPlan:
+        """The tar shards of ``source_uri``, listed once into ``<out>/source-shards.parquet`` (a resumed run
+        reads that list and never lists again, so shard numbers stay the same)."""
+        listed = storage.join(out_uri, SOURCE_SHARDS)
+        if not storage.exists(listed):
+            files = sources.container_files(source_uri, sources.SourceFormat.WEBDATASET)
+            fs, path = storage.resolve(listed)
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            pq.write_table(pa.table({"uri": pa.array(files, pa.string())}), path + ".tmp", filesystem=fs)
+            fs.move(path + ".tmp", path)
+        fs, path = storage.resolve(listed)
+        return cls(files=pq.read_table(path, filesystem=fs).column("uri").to_pylist())
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_rows(self) -> int | None:
+        return None  # known only once every shard has been streamed
+
+    def sizes(self) -> np.ndarray:
+        return np.full(self.num_shards, -1, dtype=np.int64)
+
+    def units(self, rows: int, todo: np.ndarray) -> np.ndarray:
+        """Read units: one per tar shard where ``todo`` is set, as (shard, shard + 1); ``rows`` is not used
+        (a shard is streamed whole, by one task)."""
+        shards = np.nonzero(todo)[0].astype(np.int64)
+        return np.stack([shards, shards + 1], axis=1)
+
+
+Plan = ShardPlan | TarPlan
+
+
+def record_size(out_uri: str, shard: int, images: int) -> None:
+    """What a read task learned by streaming a tar shard to its end: the images it holds."""
+    storage.write_json(storage.join(out_uri, SHARD_SIZES, f"{shard:09d}.json"), {"shard": shard, "images": images})
+
+
 @dataclass
 class LedgerState:
     """What earlier runs committed."""
 
     done: np.ndarray  # (shards,) rows committed per shard
+    sizes: np.ndarray  # (shards,) rows per shard; -1 where not known yet (a tar shard never streamed to its end)
     counts: Counter = field(default_factory=Counter)  # predicted, rejected:<reason>
     entries: list[dict[str, Any]] = field(default_factory=list)
 
@@ -128,12 +191,21 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
-def source_version(source_uri: str) -> str:
-    """A manifest's files, sizes and modification times; a folder is listed once, so its URI is enough."""
-    if not sources.is_manifest(source_uri):
+def source_version(source_uri: str, fmt: sources.SourceFormat | None = None) -> str:
+    """A manifest's (or Parquet or tar source file's) files, sizes and modification times; a folder is listed
+    once, so its URI is enough."""
+    fmt = fmt or (sources.SourceFormat.MANIFEST if sources.is_manifest(source_uri) else sources.SourceFormat.FILES)
+    if fmt is sources.SourceFormat.FILES:
         return ""
+    if fmt is sources.SourceFormat.WEBDATASET:
+        fs, path = storage.resolve(source_uri)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return ""
+        files = [source_uri]
+    else:
+        files = sources.manifest_files(source_uri)
     infos = []
-    for uri in sources.manifest_files(source_uri):
+    for uri in files:
         fs, path = storage.resolve(uri)
         info = fs.get_file_info(path)
         infos.append([uri, info.size, info.mtime_ns])
@@ -154,9 +226,9 @@ def open_run(out_uri: str, run: dict[str, Any], *, restart: bool = False) -> boo
     record = storage.join(out_uri, RUN_RECORD)
     if not restart and storage.exists(record) and storage.read_json(record) == run:
         return True
-    for part in (PREDICTIONS, REJECTS, LEDGER, STAGING):
+    for part in (PREDICTIONS, REJECTS, LEDGER, STAGING, SHARD_SIZES):
         storage.delete_dir_contents(storage.join(out_uri, part))
-    for name in (SOURCE_MANIFEST, RESULT):
+    for name in (SOURCE_MANIFEST, SOURCE_SHARDS, RESULT):
         storage.delete_file(storage.join(out_uri, name))
     storage.write_json(record, run)
     return False
@@ -171,20 +243,30 @@ def commit(
         if uri is not None:
             storage.move(uri, storage.join(out_uri, part, posixpath.basename(uri)))
             files[part] = posixpath.basename(uri)
-    entry = {"name": name, "shards": sorted([int(s), int(n)] for s, n in shards.items()), "counts": counts,
-             "files": files}
+    entry = {
+        "name": name,
+        "shards": sorted([int(s), int(n)] for s, n in shards.items()),
+        "counts": counts,
+        "files": files,
+    }
     storage.write_bytes(storage.join(out_uri, LEDGER, f"{name}.json"), json.dumps(entry).encode())
 
 
-def load(out_uri: str, plan: ShardPlan) -> LedgerState:
+def load(out_uri: str, plan: Plan) -> LedgerState:
     """Read the ledger, delete files that no entry commits (staged or left by a killed task), and sum what is
-    committed per shard."""
+    committed per shard; read the tar shard sizes that read tasks recorded."""
     uris = storage.list_files(storage.join(out_uri, LEDGER), suffix=".json")
+    size_uris = storage.list_files(storage.join(out_uri, SHARD_SIZES), suffix=".json")
     with ThreadPoolExecutor(READ_THREADS) as pool:
         entries = list(pool.map(storage.read_json, uris))
+        recorded = list(pool.map(storage.read_json, size_uris))
+    sizes = plan.sizes()
+    for r in recorded:
+        if r["shard"] < plan.num_shards:
+            sizes[r["shard"]] = r["images"]
     done = np.zeros(plan.num_shards, dtype=np.int64)
     counts: Counter = Counter()
-    committed = {part: set() for part in (PREDICTIONS, REJECTS)}
+    committed: dict[str, set[str]] = {part: set() for part in (PREDICTIONS, REJECTS)}
     for entry in entries:
         for shard, rows in entry["shards"]:
             if shard >= plan.num_shards:
@@ -193,7 +275,7 @@ def load(out_uri: str, plan: ShardPlan) -> LedgerState:
         counts.update(entry["counts"])
         for part, name in entry["files"].items():
             committed[part].add(name)
-    over = np.nonzero(done > plan.sizes())[0]
+    over = np.nonzero((sizes >= 0) & (done > sizes))[0]
     if over.size:
         raise ValueError(f"{out_uri}: the ledger has more rows than the source for shards {over[:5].tolist()}")
     storage.delete_dir_contents(storage.join(out_uri, STAGING))
@@ -201,7 +283,7 @@ def load(out_uri: str, plan: ShardPlan) -> LedgerState:
         for uri in storage.list_files(storage.join(out_uri, part)):
             if posixpath.basename(uri) not in names:
                 storage.delete_file(uri)
-    return LedgerState(done=done, counts=counts, entries=entries)
+    return LedgerState(done=done, sizes=sizes, counts=counts, entries=entries)
 
 
 def written_ids(out_uri: str, state: LedgerState, shards: np.ndarray) -> np.ndarray:

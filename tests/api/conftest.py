@@ -2,9 +2,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from service import digits
-from service.control import ControlPlane, Tokens
+from service.control import ControlPlane
 from service.jobs import Jobs
+from service.principals import Principals, Role
 from service.settings import Settings
 from service.store import Store
 
@@ -13,17 +13,12 @@ READ, WRITE = {"Authorization": "Bearer reader-token"}, {"Authorization": "Beare
 RAY_DOWN = "http://127.0.0.1:9"
 
 
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    digits.write(str(root), labeled_per_class=5, test_per_class=10)
-    return root
-
-
 def make_app(data_dir, source_root):
     settings = Settings(data_dir=data_dir, source_roots=[str(source_root)], poll_seconds=0.2)
-    control = ControlPlane(settings, Store(settings.database), Jobs(RAY_DOWN, timeout=1),
-                           Tokens(read={"reader-token"}, write={"writer-token"}))
+    principals = Principals()
+    principals.add("reader-token", Role.READ)
+    principals.add("writer-token", Role.WRITE)
+    control = ControlPlane(settings, Store(settings.database), Jobs(RAY_DOWN, timeout=1), principals)
     return create_app(control)
 
 

@@ -130,7 +130,9 @@ def test_retry_refuses_what_has_not_failed(client, digits_root):
     gid = client.post("/generations", json=request(digits_root), headers=WRITE).json()["id"]
     r = client.post(f"/generations/{gid}/retry", headers=WRITE)
     assert (r.status_code, r.json()) == (
-        409, {"detail": f"generation {gid} is queued: only a failed or cancelled one can be retried"})
+        409,
+        {"detail": f"generation {gid} is queued: only a failed or cancelled one can be retried"},
+    )
     assert client.post("/generations/g-0123456789abcdef/retry", headers=WRITE).status_code == 404
 
 

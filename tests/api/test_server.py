@@ -13,9 +13,9 @@ import pyarrow.dataset as pads
 import pytest
 from ray.job_submission import JobSubmissionClient
 
+from bench.server import Server
 from curation.balance import NUM_BINS
 from service import cluster
-from tests.api.server import Server
 
 pytestmark = pytest.mark.slow
 TOKENS = {"NSTUDENT_WRITE_TOKENS": "w-token", "NSTUDENT_READ_TOKENS": "r-token"}
@@ -23,15 +23,33 @@ WRITE, READ = {"Authorization": "Bearer w-token"}, {"Authorization": "Bearer r-t
 
 
 def train(steps: int) -> dict:
-    return {"architecture": "test_resnet", "input_size": 32, "mean": [0.13] * 3, "std": [0.31] * 3,
-            "steps": steps, "batch_size": 16, "unlabeled_ratio": 2, "warmup_steps": 2, "checkpoint_every": 10}
+    return {
+        "architecture": "test_resnet",
+        "input_size": 32,
+        "mean": [0.13] * 3,
+        "std": [0.31] * 3,
+        "steps": steps,
+        "batch_size": 16,
+        "unlabeled_ratio": 2,
+        "warmup_steps": 2,
+        "checkpoint_every": 10,
+    }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, digits_root):
     data_dir = tmp_path_factory.mktemp("serve")
-    s = Server(data_dir, {**TOKENS, "NSTUDENT_SOURCE_ROOTS": str(digits_root), "NSTUDENT_POLL_SECONDS": "0.5",
-                          "NSTUDENT_RAY_NUM_CPUS": "2"})
+    s = Server(
+        data_dir,
+        {
+            **TOKENS,
+            "NSTUDENT_SOURCE_ROOTS": str(digits_root),
+            "NSTUDENT_POLL_SECONDS": "0.5",
+            "NSTUDENT_RAY_NUM_CPUS": "2",
+            "NSTUDENT_MAX_RUNNING_JOBS": "1",
+            "NSTUDENT_RETRY_BACKOFF_SECONDS": "1",
+        },
+    )
     yield s.start()
     s.stop()
     head = cluster.Head(**json.loads((data_dir / "ray" / "head.json").read_text()))
@@ -40,8 +58,13 @@ def server(tmp_path_factory, digits_root):
 
 
 def sources(digits_root, **kw) -> dict:
-    return {"labeled": str(digits_root / "labeled"), "unlabeled": str(digits_root / "unlabeled"),
-            "eval": str(digits_root / "test"), "curation": {"confidence_floor": 0.15}, **kw}
+    return {
+        "labeled": str(digits_root / "labeled"),
+        "unlabeled": str(digits_root / "unlabeled"),
+        "eval": str(digits_root / "test"),
+        "curation": {"confidence_floor": 0.15},
+        **kw,
+    }
 
 
 def ray_jobs(server, generation_id) -> dict:
@@ -72,8 +95,16 @@ def test_a_generation_end_to_end(server, digits_root):
     gid = r.json()["id"]
     g, stages = wait(server, gid, lambda g: g["stage"] == "succeeded")
     assert stages[0] in ("queued", "training_teacher") and stages[-1] == "succeeded"
-    assert [s for s in ("training_teacher", "labeling", "training") if s in stages] == ["training_teacher", "labeling", "training"]
-    assert set(g["jobs"]) == {"teacher", "label", "train"} and set(g["timings"]) >= {"training_teacher", "labeling", "training"}
+    assert [s for s in ("training_teacher", "labeling", "training") if s in stages] == [
+        "training_teacher",
+        "labeling",
+        "training",
+    ]
+    assert set(g["jobs"]) == {"teacher", "label", "train"} and set(g["timings"]) >= {
+        "training_teacher",
+        "labeling",
+        "training",
+    }
     assert all(t["seconds"] > 0 for t in g["timings"].values())
     assert 0 < g["metrics"]["test_accuracy"] <= 1 and g["metrics"]["test_images"] == 100
     assert g["progress"]["step"] == g["progress"]["steps"] == 20 or g["progress"] == {}
@@ -98,7 +129,11 @@ def test_a_generation_end_to_end(server, digits_root):
     assert ids <= set(manifest.column("image_id").to_pylist())
 
     model = httpx.get(f"{server.url}/generations/{gid}/model", headers=READ).json()
-    assert model["uri"] == g["model_uri"] and model["metrics"] == g["metrics"] and model["class_names"] == list("0123456789")
+    assert (
+        model["uri"] == g["model_uri"]
+        and model["metrics"] == g["metrics"]
+        and model["class_names"] == list("0123456789")
+    )
     server.first_generation = gid
 
 
@@ -146,6 +181,70 @@ def test_cancel_stops_the_running_job(server, digits_root):
     assert "STOPPED" in statuses.values() and not {"PENDING", "RUNNING"} & set(statuses.values()), statuses
 
 
+def _small_pool(digits_root, images: int) -> str:
+    """A manifest of the first ``images`` unlabeled digits, inside the source root."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uris = sorted(str(p) for p in (digits_root / "unlabeled").rglob("*.png"))[:images]
+    path = digits_root / f"pool-{images}.parquet"
+    pq.write_table(pa.table({"uri": uris}), path)
+    return str(path)
+
+
+def _kill_driver(submission_id: str) -> bool:
+    """SIGKILL the process running a job's entry point, as the OOM killer or a lost pod would."""
+    import os
+    import signal
+
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        argv = _read(p).split(b"\0")
+        if b"--attempt-id" in argv and submission_id.encode() in argv and any(a.endswith(b"nstudent") for a in argv):
+            os.kill(int(p.parent.name), signal.SIGKILL)
+            return True
+    return False
+
+
+def test_admission_a_killed_job_and_a_retry(server, digits_root):
+    """Three small chains with at most one job running at a time: all finish. The train job of the first is
+    SIGKILLed and retried by the control plane; the second is cancelled, then retried by a user."""
+    gid = getattr(server, "first_generation", None)
+    if gid is None:
+        pytest.skip("needs the first generation's model")
+    pool = _small_pool(digits_root, 300)
+    body = sources(digits_root, teacher=gid, unlabeled=pool, student=train(30))
+    ids = [httpx.post(f"{server.url}/generations", json=body, headers=WRITE).json()["id"] for _ in range(3)]
+    most_active, killed, cancelled, deadline = 0, False, False, time.time() + 900
+    while time.time() < deadline:
+        jobs = [j for g in ids for j in ray_jobs(server, g).values()]
+        most_active = max(most_active, sum(j.status.value in ("PENDING", "RUNNING") for j in jobs))
+        gens = {g: httpx.get(f"{server.url}/generations/{g}", headers=READ).json() for g in ids}
+        first, second = gens[ids[0]], gens[ids[1]]
+        if not killed and first["stage"] == "training" and (first["progress"].get("step") or 0) >= 10:
+            killed = _kill_driver(first["jobs"]["train"][-1]["id"])
+        if not cancelled and second["stage"] in ("labeling", "curating", "training"):
+            assert httpx.post(f"{server.url}/generations/{ids[1]}/cancel", headers=WRITE).status_code == 202
+            cancelled = True
+        if cancelled and second["stage"] == "cancelled":
+            r = httpx.post(f"{server.url}/generations/{ids[1]}/retry", headers=WRITE)
+            assert r.status_code == 202 and r.json()["retries"] == 1
+        if all(g["stage"] == "succeeded" for g in gens.values()):
+            break
+        assert not {"failed"} & {g["stage"] for g in gens.values()}, [g["error"] for g in gens.values()]
+        time.sleep(0.5)
+    assert all(g["stage"] == "succeeded" for g in gens.values()), gens
+    assert most_active == 1 and killed and cancelled
+    # The killed attempt failed for a cause of the cluster's, and the next one finished from its checkpoint.
+    train_attempts = gens[ids[0]]["jobs"]["train"]
+    assert [a["status"] for a in train_attempts] == ["FAILED", "SUCCEEDED"] and train_attempts[0]["cause"] == "infra"
+    assert gens[ids[0]]["metrics"]["resumed_from_step"] >= 10
+    # The cancelled generation went on in the same folder, from where it was stopped.
+    retried = gens[ids[1]]
+    assert retried["retries"] == 1 and retried["output"].endswith(ids[1])
+    stopped = [a for attempts in retried["jobs"].values() for a in attempts if a["status"] == "STOPPED"]
+    assert len(stopped) == 1 and all(attempts[-1]["status"] == "SUCCEEDED" for attempts in retried["jobs"].values())
+
+
 def test_a_clean_stop_stops_the_local_head_and_its_jobs(server, digits_root):
     gid = getattr(server, "first_generation", None)
     if gid is None:
@@ -156,8 +255,11 @@ def test_a_clean_stop_stops_the_local_head_and_its_jobs(server, digits_root):
     head = cluster.Head(**json.loads((server.data_dir / "ray" / "head.json").read_text()))
     server.stop()  # SIGTERM
     assert server.proc.returncode is not None and not cluster._alive(head.pid)
-    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline")
-                 if p.exists() and (running.encode() in _read(p) or head.temp_dir.encode() in _read(p))]
+    leftovers = [
+        p
+        for p in Path("/proc").glob("[0-9]*/cmdline")
+        if p.exists() and (running.encode() in _read(p) or head.temp_dir.encode() in _read(p))
+    ]
     assert leftovers == [], [_read(p) for p in leftovers]
 
 

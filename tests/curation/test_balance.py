@@ -14,12 +14,14 @@ def predictions(spec: dict[int, list[tuple[float, int]]], start_id: int = 1) -> 
             labels += [c] * count
             conf += [value] * count
     n = len(labels)
-    return pa.table({
-        "image_id": pa.array(np.arange(start_id, start_id + n), pa.int64()),
-        "uri": pa.array([f"img/{i}.png" for i in range(n)]),
-        "label": pa.array(labels, pa.int32()),
-        "confidence": pa.array(conf, pa.float32()),
-    })
+    return pa.table(
+        {
+            "image_id": pa.array(np.arange(start_id, start_id + n), pa.int64()),
+            "uri": pa.array([f"img/{i}.png" for i in range(n)]),
+            "label": pa.array(labels, pa.int32()),
+            "confidence": pa.array(conf, pa.float32()),
+        }
+    )
 
 
 def curate_table(table: pa.Table, config: CurationConfig, num_classes: int):
@@ -137,8 +139,12 @@ def test_same_seed_same_manifest_whatever_the_blocks():
     parts = [balance.assign_copies(table.slice(i, 97), plan, config.seed) for i in range(0, table.num_rows, 97)]
     split = pa.concat_tables(parts)
     assert split.sort_by("image_id").equals(whole.sort_by("image_id"))
-    digest = lambda t: balance.rows_digest(t.column("image_id").to_numpy(), t.column("label").to_numpy(),
-                                           t.column("copies").to_numpy())
+
+    def digest(t):
+        return balance.rows_digest(
+            t.column("image_id").to_numpy(), t.column("label").to_numpy(), t.column("copies").to_numpy()
+        )
+
     assert digest(split) == digest(whole)
     _, other = curate_table(table, config.model_copy(update={"seed": 4}), 4)
     assert not other.sort_by("image_id").equals(whole.sort_by("image_id"))

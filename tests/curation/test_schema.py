@@ -15,15 +15,18 @@ def predictions(n: int, classes: int = 1000, k: int = 5, seed: int = 0) -> pa.Ta
     top = np.stack([rng.choice(classes, k, replace=False) for _ in range(n)]).astype(np.int32)
     probs = -np.sort(-rng.dirichlet(np.ones(k * 4), n)[:, :k], axis=1).astype(np.float32)
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    return pa.table({
-        "image_id": pa.array(sources.image_ids(uris)),
-        "uri": pa.array(uris, pa.string()),
-        "label": pa.array(top[:, 0]),
-        "confidence": pa.array(probs[:, 0]),
-        "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(top.ravel())),
-        "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float16), pa.float16())),
-        "teacher": pa.array(["s3://models/gen-2/model"] * n),
-    }, schema=schema.PREDICTIONS)
+    return pa.table(
+        {
+            "image_id": pa.array(sources.image_ids(uris)),
+            "uri": pa.array(uris, pa.string()),
+            "label": pa.array(top[:, 0]),
+            "confidence": pa.array(probs[:, 0]),
+            "topk_classes": pa.ListArray.from_arrays(offsets, pa.array(top.ravel())),
+            "topk_probs": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float16), pa.float16())),
+            "teacher": pa.array(["s3://models/gen-2/model"] * n),
+        },
+        schema=schema.PREDICTIONS,
+    )
 
 
 def parquet_bytes(table: pa.Table, compression: str) -> tuple[int, dict[str, int]]:

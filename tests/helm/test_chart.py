@@ -123,7 +123,13 @@ def test_default_values_render_a_control_plane_and_a_raycluster():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == [
-        "ConfigMap", "Deployment", "PersistentVolumeClaim", "RayCluster", "Secret", "Secret", "Service",
+        "ConfigMap",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "RayCluster",
+        "Secret",
+        "Secret",
+        "Service",
         "ServiceAccount",
     ]
     deployment = one(objects, "Deployment")
@@ -135,7 +141,10 @@ def test_default_values_render_a_control_plane_and_a_raycluster():
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    assert (
+        volumes["data"]["persistentVolumeClaim"]["claimName"]
+        == one(objects, "PersistentVolumeClaim")["metadata"]["name"]
+    )
     cluster = one(objects, "RayCluster")
     assert [g["groupName"] for g in cluster["spec"]["workerGroupSpecs"]] == ["cpu"]
     assert cluster["spec"]["enableInTreeAutoscaling"] is False
@@ -289,11 +298,15 @@ def test_control_plane_env_is_exactly_what_the_app_reads(objects: list[dict], mo
     assert str(settings.data_dir) in mounts
 
     # The production checks are live: without the Ray address or the write tokens the app refuses to start.
-    for required in ("RAY_ADDRESS", "NSTUDENT_WRITE_TOKENS"):
-        monkeypatch.delenv(required)
+    # (An admin token is a write token too.)
+    for required in (["RAY_ADDRESS"], ["NSTUDENT_WRITE_TOKENS", "NSTUDENT_ADMIN_TOKENS"]):
+        for name in required:
+            monkeypatch.delenv(name, raising=False)
         with pytest.raises(ValidationError):
             app_settings.Settings()
-        monkeypatch.setenv(required, env[required])
+        for name in required:
+            if name in env:
+                monkeypatch.setenv(name, env[name])
 
 
 def test_gpu_values_reach_the_settings(monkeypatch):
@@ -305,10 +318,23 @@ def test_gpu_values_reach_the_settings(monkeypatch):
         monkeypatch.setenv(name, value)
     settings = app_settings.Settings()
     assert settings.database.startswith("postgresql+psycopg://")
-    assert [t.get_secret_value() for t in settings.write_tokens] == ["write-token-for-pipelines", "write-token-for-admins"]
-    assert [t.get_secret_value() for t in settings.read_tokens] == ["read-token-for-dashboards"]
-    assert settings.source_roots == ["s3://raw-images/", "s3://ml-artifacts/teachers/"]
+    assert [t.get_secret_value() for t in settings.write_tokens] == [
+        "pipelines:write-token-for-pipelines",
+        "vision-team:write-token-for-vision",
+    ]
+    assert [t.get_secret_value() for t in settings.read_tokens] == ["dashboards:read-token-for-dashboards"]
+    assert [t.get_secret_value() for t in settings.admin_tokens] == ["ops:admin-token-for-ops"]
+    assert settings.principal_roots == {"vision-team": ["s3://vision-team-images"]}
+    assert settings.source_roots == ["s3://raw-images", "s3://ml-artifacts/teachers"]
+    assert settings.job_env() == {"MLFLOW_TRACKING_URI": "http://mlflow.ml.svc:5000"}
+    from service.principals import Role, api_principals
+
+    principals, _ = api_principals(settings)
+    vision = principals.find("write-token-for-vision")
+    assert (vision.name, vision.role, vision.roots) == ("vision-team", Role.WRITE, ("s3://vision-team-images",))
+    assert principals.find("admin-token-for-ops").role == Role.ADMIN
     assert (settings.poll_seconds, settings.max_page_size) == (5.0, 200)
+    assert (settings.max_running_jobs, settings.job_attempts) == (8, 5)
     assert env["AWS_ENDPOINT_URL"] == "http://minio.storage.svc:9000"
     assert env["AWS_ACCESS_KEY_ID"] == "nstudent"
 
@@ -365,4 +391,6 @@ def test_docker_build_context_holds_the_package():
     packages = [p.name for p in ROOT.iterdir() if p.is_dir() and any(fnmatch.fnmatch(p.name, i) for i in includes)]
     assert packages
     for path in packages + ["pyproject.toml", project["project"]["readme"]]:
-        assert not any(fnmatch.fnmatch(path, p.removeprefix("**/")) for p in patterns), f"{path} is left out of the image"
+        assert not any(fnmatch.fnmatch(path, p.removeprefix("**/")) for p in patterns), (
+            f"{path} is left out of the image"
+        )

@@ -1,11 +1,12 @@
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 
 import pytest
+
+from service import cluster
 
 # CI installs PostgreSQL from Debian's packages and sets this, so a missing server fails instead of skipping.
 REQUIRE_POSTGRES = os.environ.get("NSTUDENT_REQUIRE_POSTGRES") == "1"
@@ -30,13 +31,24 @@ def postgres_url():
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(root, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_user, pg_ctl, "-D", data, "-l", os.path.join(root, "log"), "-w", "start", "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    port = cluster.free_port()
+    subprocess.run([*as_user, initdb, "-D", data, "-U", "postgres", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *as_user,
+            pg_ctl,
+            "-D",
+            data,
+            "-l",
+            os.path.join(root, "log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)

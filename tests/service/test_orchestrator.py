@@ -12,12 +12,13 @@ import os
 
 import pytest
 
+from curation import storage
 from curation.layout import ErrorKind, JobError, Layout, Phase, write_progress
-from service import storage
-from service.control import ControlPlane, Tokens
+from service.control import ControlPlane
 from service.errors import Conflict
 from service.jobs import JobState, RayUnavailable
 from service.orchestrator import Orchestrator
+from service.principals import DEFAULT, Principal, Principals, Role
 from service.settings import Settings
 from service.states import TRANSITIONS, IllegalTransition, JobKind, JobStatus, Stage, check_transition
 from service.store import Store
@@ -73,20 +74,27 @@ class World:
                 (self.sources / split / c / "a.png").write_bytes(b"\x89PNG")
         (self.sources / "unlabeled").mkdir()
         (self.sources / "unlabeled" / "x.png").write_bytes(b"\x89PNG")
-        self.settings = Settings(data_dir=tmp_path / "data", source_roots=[str(self.sources)],
-                                 retry_backoff_seconds=0, **settings)
+        self.settings = Settings(
+            data_dir=tmp_path / "data", source_roots=[str(self.sources)], retry_backoff_seconds=0, **settings
+        )
         self.store = Store(self.settings.database)
         self.store.migrate()
         self.jobs = FakeJobs()
-        self.control = ControlPlane(self.settings, self.store, self.jobs, Tokens(write={"t"}))
+        self.control = ControlPlane(self.settings, self.store, self.jobs, Principals())
+        self.me = Principal(DEFAULT, Role.WRITE)
         self.orchestrator: Orchestrator = self.control.orchestrator
 
     def post(self, iterations: int = 1, **fields):
         from service.specs import GenerationConfig
 
-        body = {"labeled": str(self.sources / "labeled"), "unlabeled": str(self.sources / "unlabeled"),
-                "eval": str(self.sources / "eval"), "student": {"architecture": "test_resnet"}, **fields}
-        return [g.id for g in self.control.create(GenerationConfig.model_validate(body), iterations, None)]
+        body = {
+            "labeled": str(self.sources / "labeled"),
+            "unlabeled": str(self.sources / "unlabeled"),
+            "eval": str(self.sources / "eval"),
+            "student": {"architecture": "test_resnet"},
+            **fields,
+        }
+        return [g.id for g in self.control.create(GenerationConfig.model_validate(body), iterations, None, self.me)]
 
     def get(self, gid: str):
         return self.store.get(gid)
@@ -98,8 +106,9 @@ class World:
     def attempt(self, gid: str, kind: JobKind, n: int = -1):
         return self.get(gid).attempts_of(kind)[n]
 
-    def finish(self, gid: str, kind: JobKind, status: JobStatus = JobStatus.SUCCEEDED,
-               error: JobError | None = None) -> str:
+    def finish(
+        self, gid: str, kind: JobKind, status: JobStatus = JobStatus.SUCCEEDED, error: JobError | None = None
+    ) -> str:
         g = self.get(gid)
         sid = g.attempts_of(kind)[-1].id
         layout = Layout(g.output)
@@ -117,17 +126,35 @@ class World:
 
 def _model(uri: str, accuracy: float) -> None:
     os.makedirs(uri, exist_ok=True)
-    meta = {"architecture": "test_resnet", "class_names": CLASSES, "input_size": 32, "mean": [0.1] * 3,
-            "std": [0.3] * 3, "metrics": {"test_accuracy": accuracy}}
+    meta = {
+        "architecture": "test_resnet",
+        "class_names": CLASSES,
+        "input_size": 32,
+        "mean": [0.1] * 3,
+        "std": [0.3] * 3,
+        "metrics": {"test_accuracy": accuracy},
+    }
     with open(os.path.join(uri, "model.json"), "w") as f:
         json.dump(meta, f)
 
 
 def _stats(layout: Layout, dataset_id: str) -> None:
-    stats = {"dataset_id": dataset_id, "images_seen": 1, "images_decoded": 1, "rejected": {}, "images_per_class": 1,
-             "classes": [], "confidence_histogram": [0] * 100, "config": {}, "config_hash": "h",
-             "manifest_uri": storage.join(layout.dataset, "manifest"), "manifest_rows": 1, "manifest_copies": 1,
-             "manifest_checksum": "c", "predictions_uri": storage.join(layout.labels, "predictions")}
+    stats = {
+        "dataset_id": dataset_id,
+        "images_seen": 1,
+        "images_decoded": 1,
+        "rejected": {},
+        "images_per_class": 1,
+        "classes": [],
+        "confidence_histogram": [0] * 100,
+        "config": {},
+        "config_hash": "h",
+        "manifest_uri": storage.join(layout.dataset, "manifest"),
+        "manifest_rows": 1,
+        "manifest_copies": 1,
+        "manifest_checksum": "c",
+        "predictions_uri": storage.join(layout.labels, "predictions"),
+    }
     storage.write_json(layout.stats, stats)
 
 
@@ -230,7 +257,10 @@ def test_an_infrastructure_failure_is_retried_and_resumes_the_same_job(world):
     world.tick()
     g = world.get(gid)
     assert g.state == Stage.TRAINING and [a.status for a in g.attempts_of(JobKind.LABEL)] == [
-        JobStatus.FAILED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+        JobStatus.FAILED,
+        JobStatus.FAILED,
+        JobStatus.SUCCEEDED,
+    ]
     assert g.attempts_of(JobKind.LABEL)[1].message == "MemoryError: "
 
 
@@ -271,8 +301,10 @@ def test_backoff_waits_before_the_next_attempt(tmp_path):
     assert w.jobs.submitted == [f"{gid}-teacher-1"] and first.retry_after is not None
     assert dt.timedelta(seconds=59) < first.retry_after - first.finished_at <= dt.timedelta(seconds=61)
     # Once the wait is over, the next attempt goes, and it waits twice as long after failing in turn.
-    w.store.update(w.get(gid), jobs=w.get(gid).with_attempts(
-        JobKind.TEACHER, [first.model_copy(update={"retry_after": first.finished_at})]))
+    w.store.update(
+        w.get(gid),
+        jobs=w.get(gid).with_attempts(JobKind.TEACHER, [first.model_copy(update={"retry_after": first.finished_at})]),
+    )
     w.tick()
     assert w.jobs.submitted[-1] == f"{gid}-teacher-2"
     w.finish(gid, JobKind.TEACHER, JobStatus.FAILED)
@@ -346,15 +378,18 @@ def test_cancel_stops_the_running_job_then_its_chain(world):
     first, second = world.post(iterations=2)
     world.tick()
     world.jobs.status[f"{first}-teacher-1"] = JobStatus.RUNNING
-    world.control.cancel(first)
+    world.control.cancel(first, world.me)
     world.tick()
     assert world.jobs.stopped == [f"{first}-teacher-1"] and world.get(first).state == Stage.TRAINING_TEACHER
     world.tick()
     assert world.get(first).state == Stage.CANCELLED and world.get(first).error == "cancelled on request"
-    assert world.get(second).state == Stage.CANCELLED and world.get(second).error == f"teacher generation {first} cancelled"
+    assert (
+        world.get(second).state == Stage.CANCELLED
+        and world.get(second).error == f"teacher generation {first} cancelled"
+    )
     assert world.attempt(first, JobKind.TEACHER).status == JobStatus.STOPPED
     with pytest.raises(Conflict, match="already cancelled"):
-        world.control.cancel(first)
+        world.control.cancel(first, world.me)
 
 
 def test_cancel_while_waiting_for_the_next_attempt(tmp_path):
@@ -364,7 +399,7 @@ def test_cancel_while_waiting_for_the_next_attempt(tmp_path):
     w.tick()
     w.finish(gid, JobKind.TEACHER, JobStatus.FAILED)
     w.tick()
-    w.control.cancel(gid)
+    w.control.cancel(gid, w.me)
     w.tick()
     assert w.get(gid).state == Stage.CANCELLED and w.jobs.submitted == [f"{gid}-teacher-1"]
 
@@ -376,18 +411,19 @@ def test_retry_resumes_a_failed_generation_and_its_chain_in_place(world):
     world.tick()
     world.finish(first, JobKind.LABEL)
     world.tick()
-    world.finish(first, JobKind.TRAIN, JobStatus.FAILED,
-                 JobError(kind=ErrorKind.USER, message="ValueError: a bad eval folder"))
+    world.finish(
+        first, JobKind.TRAIN, JobStatus.FAILED, JobError(kind=ErrorKind.USER, message="ValueError: a bad eval folder")
+    )
     world.tick(2)
     assert world.get(first).state == Stage.FAILED and world.get(second).state == Stage.FAILED
     output = world.get(first).output
 
     with pytest.raises(Conflict, match="only a failed or cancelled one"):
-        world.control.retry(world.post()[0])  # a queued generation
-    g = world.control.retry(first)
+        world.control.retry(world.post()[0], world.me)  # a queued generation
+    g = world.control.retry(first, world.me)
     assert g.state == Stage.QUEUED and g.retries == 1 and g.error is None
     assert world.get(second).state == Stage.QUEUED and world.get(second).retries == 1
-    again = world.control.retry(first)  # asked again while it runs: nothing new
+    again = world.control.retry(first, world.me)  # asked again while it runs: nothing new
     assert again.retries == 1
 
     world.tick()
@@ -395,13 +431,17 @@ def test_retry_resumes_a_failed_generation_and_its_chain_in_place(world):
     # Teacher and labels are done: only the student trains again, in the same folder.
     assert g.state == Stage.TRAINING and g.output == output
     assert [sid for sid in world.jobs.submitted if sid.startswith(first)] == [
-        f"{first}-teacher-1", f"{first}-label-1", f"{first}-train-1", f"{first}-train-2"]
-    assert world.control.retry(first).retries == 1
+        f"{first}-teacher-1",
+        f"{first}-label-1",
+        f"{first}-train-1",
+        f"{first}-train-2",
+    ]
+    assert world.control.retry(first, world.me).retries == 1
     world.finish(first, JobKind.TRAIN)
     world.tick(2)
     assert world.get(first).state == Stage.SUCCEEDED and world.get(second).state == Stage.LABELING
     with pytest.raises(Conflict, match="is succeeded"):
-        world.control.retry(first)
+        world.control.retry(first, world.me)
 
 
 def test_retry_gives_a_new_round_of_attempts(world):
@@ -411,7 +451,7 @@ def test_retry_gives_a_new_round_of_attempts(world):
         world.finish(gid, JobKind.TEACHER, JobStatus.FAILED)
         world.tick(2)
     assert world.get(gid).state == Stage.FAILED
-    world.control.retry(gid)
+    world.control.retry(gid, world.me)
     world.tick()
     world.finish(gid, JobKind.TEACHER, JobStatus.FAILED)
     world.tick(2)
@@ -425,10 +465,10 @@ def test_a_cancelled_generation_retried_resumes_its_stopped_job(world):
     world.finish(gid, JobKind.TEACHER)
     world.tick()
     world.jobs.status[f"{gid}-label-1"] = JobStatus.RUNNING
-    world.control.cancel(gid)
+    world.control.cancel(gid, world.me)
     world.tick(2)
     assert world.get(gid).state == Stage.CANCELLED
-    world.control.retry(gid)
+    world.control.retry(gid, world.me)
     world.tick()
     assert world.get(gid).state == Stage.LABELING and world.jobs.submitted[-1] == f"{gid}-label-2"
 

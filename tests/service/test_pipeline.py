@@ -16,8 +16,17 @@ from trainer.models import ModelMeta
 
 def small(steps: int, **kw) -> TrainConfig:
     kw.setdefault("architecture", "test_resnet")
-    return TrainConfig(input_size=32, mean=(0.13,) * 3, std=(0.31,) * 3, steps=steps,
-                       batch_size=16, unlabeled_ratio=2, warmup_steps=2, checkpoint_every=10, **kw)
+    return TrainConfig(
+        input_size=32,
+        mean=(0.13,) * 3,
+        std=(0.31,) * 3,
+        steps=steps,
+        batch_size=16,
+        unlabeled_ratio=2,
+        warmup_steps=2,
+        checkpoint_every=10,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,10 @@ def test_demo_splits_are_disjoint_and_sized(data):
     pool = sources.unlabeled_manifest(data["unlabeled"])
     assert names == [str(d) for d in range(10)]
     assert labeled.num_rows == 50 and test.num_rows == 200 and pool.num_rows == 5000 - 250
-    files = lambda t: {os.path.basename(u) for u in t.column("uri").to_pylist()}
+
+    def files(t):
+        return {os.path.basename(u) for u in t.column("uri").to_pylist()}
+
     assert not files(labeled) & files(test) and not files(pool) & (files(labeled) | files(test))
     assert pq.read_table(data["unlabeled_truth"]).num_rows == pool.num_rows
 
@@ -43,8 +55,14 @@ def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tm
     assert meta.metrics["test_images"] == 200 and 0.0 <= meta.metrics["test_accuracy"] <= 1.0
     assert meta.config["steps"] == 30
 
-    spec = GenerationSpec(teacher=teacher.model_uri, labeled=data["labeled"], unlabeled=data["unlabeled"],
-                          eval=data["test"], output=str(tmp_path / "g1"), student=small(20))
+    spec = GenerationSpec(
+        teacher=teacher.model_uri,
+        labeled=data["labeled"],
+        unlabeled=data["unlabeled"],
+        eval=data["test"],
+        output=str(tmp_path / "g1"),
+        student=small(20),
+    )
     spec.curation.confidence_floor = 0.0  # a 30-step teacher is not confident; keep every label
     result = pipeline.run_generation(spec, "g1")
     assert result.labeling.predicted == 4750 and result.labeling.rejected == {}
@@ -57,8 +75,9 @@ def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tm
     # the student's folder alone is enough to be the next teacher
     model, next_meta = models.load(result.student.model_uri)
     assert isinstance(next_meta, ModelMeta) and not model.training
-    spec2 = spec.model_copy(update={"teacher": result.student.model_uri, "output": str(tmp_path / "g2"),
-                                    "student": small(10)})
+    spec2 = spec.model_copy(
+        update={"teacher": result.student.model_uri, "output": str(tmp_path / "g2"), "student": small(10)}
+    )
     result2 = pipeline.run_generation(spec2, "g2")
     assert result2.teacher_uri == result.student.model_uri
     preds = pq.read_table(result2.labeling.predictions_uri, columns=["teacher"])

@@ -8,7 +8,8 @@ from trainer import architectures
 
 def test_the_shipped_list_is_the_installed_timms():
     assert architectures.known() == frozenset(timm.list_models()), (
-        "trainer/architectures.txt is stale: regenerate it (see trainer/architectures.py)")
+        "trainer/architectures.txt is stale: regenerate it (see trainer/architectures.py)"
+    )
 
 
 def test_an_unknown_name_names_close_ones():

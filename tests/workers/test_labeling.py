@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import schema, sources
-from tests.helpers import BAD_FILES, untrained_model, write_pool
+from tests.helpers import BAD_FILES, untrained_model, write_edge_files, write_pool
 from workers.labeling import LabelConfig, label, read_and_decode
 
 
@@ -20,7 +20,9 @@ def teacher(tmp_path_factory):
 def test_decode_reasons_without_ray(tmp_path):
     good, bad = write_pool(str(tmp_path), good=4)
     uris = good + list(bad) + [str(tmp_path / "does-not-exist.png")]
-    out = read_and_decode({"image_id": np.arange(len(uris)), "uri": np.array(uris, dtype=object)}, size=32, crop_pct=1.0)
+    out = read_and_decode(
+        {"image_id": np.arange(len(uris)), "uri": np.array(uris, dtype=object)}, size=32, crop_pct=1.0
+    )
     assert out["pixels"].shape == (len(uris), 32, 32, 3)
     assert out["reason"].tolist() == [""] * 4 + list(bad.values()) + ["missing"]
     assert all(d for d in out["detail"][4:])
@@ -30,8 +32,13 @@ def test_decode_reasons_without_ray(tmp_path):
 def test_five_percent_bad_files_are_all_rejected_with_reasons(ray_cluster, tmp_path, teacher):
     good, bad = write_pool(str(tmp_path / "pool"), good=95)
     assert len(bad) / (len(good) + len(bad)) == 0.05
-    result = label(str(tmp_path / "pool"), teacher, str(tmp_path / "labels"), LabelConfig(top_k=3, batch_size=16),
-                   teacher_id="gen-0")
+    result = label(
+        str(tmp_path / "pool"),
+        teacher,
+        str(tmp_path / "labels"),
+        LabelConfig(top_k=3, batch_size=16),
+        teacher_id="gen-0",
+    )
 
     preds = pq.read_table(result.predictions_uri)
     rejects = pq.read_table(result.rejects_uri)
@@ -76,3 +83,23 @@ def test_manifest_source_counts_missing_objects(ray_cluster, tmp_path, teacher):
 
 def test_bad_files_cover_every_reason():
     assert {r for _, r in BAD_FILES.values()} == {"empty", "not_an_image", "corrupt"}
+
+
+def test_edge_files_are_kept_or_rejected_with_their_reason(ray_cluster, tmp_path, teacher):
+    """Strips, a decompression bomb, 16-bit, EXIF-rotated, transparent, CMYK and animated images and broken
+    files: the job finishes and each file is in the predictions or in the rejects with its reason."""
+    expected = write_edge_files(str(tmp_path / "pool"))
+    good, bad = write_pool(str(tmp_path / "pool" / "plain"), good=6)
+    expected.update({p: "" for p in good} | bad)
+    # a 1-row decode batch would hide one image failing its whole batch: several share each one here
+    result = label(str(tmp_path / "pool"), teacher, str(tmp_path / "labels"), LabelConfig(top_k=3, batch_size=4))
+
+    preds = pq.read_table(result.predictions_uri)
+    rejects = pq.read_table(result.rejects_uri)
+    kept = sorted(p for p, r in expected.items() if not r)
+    assert sorted(preds.column("uri").to_pylist()) == kept
+    assert dict(zip(rejects.column("uri").to_pylist(), rejects.column("reason").to_pylist())) == {
+        p: r for p, r in expected.items() if r
+    }
+    assert result.rejected == {"bad_geometry": 2, "corrupt": 6, "empty": 2, "not_an_image": 2, "too_large": 1}
+    assert result.predicted == len(kept) == 11

@@ -5,8 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation import sources
-from service import storage
+from curation import sources, storage
 from workers import ledger
 
 
@@ -50,8 +49,14 @@ def test_open_run_keeps_the_same_run_and_clears_another(tmp_path):
     out = str(tmp_path / "labels")
     run = {"source": "s", "model": "m", "top_k": 5}
     assert not ledger.open_run(out, run)
-    for name in ("predictions/p.parquet", "rejects/r.parquet", "ledger/p.json", "_staging/predictions/x.parquet",
-                 "source.parquet", "labeling.json"):
+    for name in (
+        "predictions/p.parquet",
+        "rejects/r.parquet",
+        "ledger/p.json",
+        "_staging/predictions/x.parquet",
+        "source.parquet",
+        "labeling.json",
+    ):
         storage.write_bytes(storage.join(out, name), b"x")
     assert ledger.open_run(out, dict(run))
     assert len(storage.list_files(out)) == 7
@@ -72,11 +77,20 @@ def test_load_sums_committed_rows_and_removes_uncommitted_files(manifest, tmp_pa
         pq.write_table(pa.table({"image_id": values}), uri)
         return uri
 
-    ledger.commit(out, "a", {0: 30, 1: 12}, {"predicted": 40, "rejected:corrupt": 2},
-                  {ledger.PREDICTIONS: staged("predictions", "a", ids[:40]),
-                   ledger.REJECTS: staged("rejects", "a", ids[40:42])})
-    ledger.commit(out, "b", {1: 18, 2: 5}, {"predicted": 23},
-                  {ledger.PREDICTIONS: staged("predictions", "b", ids[42:65]), ledger.REJECTS: None})
+    ledger.commit(
+        out,
+        "a",
+        {0: 30, 1: 12},
+        {"predicted": 40, "rejected:corrupt": 2},
+        {ledger.PREDICTIONS: staged("predictions", "a", ids[:40]), ledger.REJECTS: staged("rejects", "a", ids[40:42])},
+    )
+    ledger.commit(
+        out,
+        "b",
+        {1: 18, 2: 5},
+        {"predicted": 23},
+        {ledger.PREDICTIONS: staged("predictions", "b", ids[42:65]), ledger.REJECTS: None},
+    )
     # a task killed after moving its file, before its ledger entry; and one killed while staging
     storage.move(staged("predictions", "c", ids[65:70]), storage.join(out, ledger.PREDICTIONS, "c.parquet"))
     staged("rejects", "d", ids[70:71])
@@ -95,3 +109,35 @@ def test_load_sums_committed_rows_and_removes_uncommitted_files(manifest, tmp_pa
     ledger.commit(out, "e", {3: 11}, {"predicted": 11}, {ledger.PREDICTIONS: None, ledger.REJECTS: None})
     with pytest.raises(ValueError, match="more rows than the source"):
         ledger.load(out, plan)
+
+
+def test_tar_shards_are_listed_once_and_sized_when_streamed(tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    for name in ("b.tar", "a.tar", "notes.txt", ".hidden.tar"):
+        (folder / name).write_bytes(b"x")
+    out = str(tmp_path / "labels")
+    plan = ledger.TarPlan.listed(str(folder), out)
+    assert plan.files == [str(folder / "a.tar"), str(folder / "b.tar")]
+    (folder / "0.tar").write_bytes(b"x")  # added later: a resumed run keeps the shard numbers it started with
+    assert ledger.TarPlan.listed(str(folder), out).files == plan.files
+    assert plan.units(10**6, np.array([True, True])).tolist() == [[0, 1], [1, 2]]
+    assert plan.units(10**6, np.array([False, True])).tolist() == [[1, 2]]
+
+    state = ledger.load(out, plan)
+    assert state.sizes.tolist() == [-1, -1]  # nothing streamed yet: neither shard is known to be finished
+    ledger.record_size(out, 1, 7)
+    assert ledger.load(out, plan).sizes.tolist() == [-1, 7]
+    # a run with anything different starts over: the listing and the sizes go too
+    assert not ledger.open_run(out, {"source": "other"})
+    assert not storage.exists(storage.join(out, ledger.SOURCE_SHARDS))
+    assert ledger.load(out, plan).sizes.tolist() == [-1, -1]
+
+
+def test_parquet_bytes_shards_are_row_groups(tmp_path):
+    path = str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"image": [b"x"] * 10}), path, row_group_size=4)
+    plan = ledger.ShardPlan.per_row_group(path)
+    assert plan.sizes().tolist() == [4, 4, 2]
+    assert plan.units(65_536, np.ones(3, dtype=bool)).tolist() == [[0, 1], [1, 2], [2, 3]]
+    assert [plan.locate(s)[1:] for s in range(3)] == [(0, 0, 4), (1, 0, 4), (2, 0, 2)]

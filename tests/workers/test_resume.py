@@ -13,8 +13,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from curation import sources
-from service import storage
+from curation import sources, storage
 from tests.helpers import untrained_model, write_pool
 from workers import ledger
 from workers.labeling import LabelConfig, label
@@ -124,8 +123,14 @@ def test_job_killed_with_sigkill_resumes_exactly_once(ray_cluster, tmp_path, tea
     out = str(tmp_path / "labels")
     temp_dir = tempfile.mkdtemp(prefix="nst-kill-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-c", JOB, source, teacher, out, temp_dir], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", JOB, source, teacher, out, temp_dir],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while len(storage.list_files(storage.join(out, ledger.LEDGER))) < 2:
@@ -138,8 +143,9 @@ def test_job_killed_with_sigkill_resumes_exactly_once(ray_cluster, tmp_path, tea
     killed_at = labeled_ids(out)
     assert 0 < sum(killed_at.values()) < 2400, "the job was to be killed in the middle"
 
-    result = label(source, teacher, out, LabelConfig(top_k=3, batch_size=8, shard_rows=40, rows_per_file=40),
-                   teacher_id="t")
+    result = label(
+        source, teacher, out, LabelConfig(top_k=3, batch_size=8, shard_rows=40, rows_per_file=40), teacher_id="t"
+    )
     assert labeled_ids(out) == source_ids(good + list(bad))
     assert result.images == 2400 and result.predicted == 2395 and sum(result.rejected.values()) == 5
     assert 0 < result.resumed < 2400

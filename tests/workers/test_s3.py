@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from curation import schema
+from curation import schema, storage
 from curation.balance import CurationConfig
-from service import digits, pipeline, storage
+from service import digits, pipeline
 from service.specs import GenerationSpec
 from tests import s3
 from tests.curation.test_balance import curate_table
@@ -33,7 +33,7 @@ def read_s3_table(uri: str, columns=None):
 def test_ray_workers_reach_the_same_s3(ray_cluster, s3_server):
     @ray_cluster.remote
     def settings():
-        from service import storage
+        from curation import storage
 
         bucket = s3.new_bucket("nst-worker")
         storage.write_bytes(bucket + "/from-worker.txt", b"hello")
@@ -69,8 +69,13 @@ def test_labeling_and_curation_all_on_s3(ray_cluster, tmp_path):
     untrained_model(teacher)
     out = bucket + "/labels"
 
-    result = label(bucket + "/pool", teacher, out, LabelConfig(top_k=3, batch_size=16, shard_rows=30, rows_per_file=40),
-                   teacher_id="gen-0")
+    result = label(
+        bucket + "/pool",
+        teacher,
+        out,
+        LabelConfig(top_k=3, batch_size=16, shard_rows=30, rows_per_file=40),
+        teacher_id="gen-0",
+    )
     assert result.predictions_uri == out + "/predictions"
     assert result.images == 100 and result.predicted == 95 and result.resumed == 0
     preds = read_s3_table(result.predictions_uri)
@@ -78,21 +83,33 @@ def test_labeling_and_curation_all_on_s3(ray_cluster, tmp_path):
     assert preds.schema.equals(schema.PREDICTIONS) and rejects.schema.equals(schema.REJECTS)
     assert sorted(preds.column("uri").to_pylist()) == sorted(to_s3[p] for p in good)
     assert dict(zip(rejects.column("uri").to_pylist(), rejects.column("reason").to_pylist())) == {
-        to_s3[p]: reason for p, reason in bad.items()}
+        to_s3[p]: reason for p, reason in bad.items()
+    }
     assert storage.exists(out + "/source.parquet") and storage.exists(out + "/labeling.json")
     assert storage.read_json(out + "/labeling.json")["predicted"] == 95
     assert storage.list_files(out + "/" + ledger.STAGING) == []
     assert len(storage.list_files(out + "/" + ledger.LEDGER)) >= 1
 
     # run again: everything is committed, nothing is labeled twice
-    again = label(bucket + "/pool", teacher, out, LabelConfig(top_k=3, batch_size=16, shard_rows=30, rows_per_file=40),
-                  teacher_id="gen-0")
+    again = label(
+        bucket + "/pool",
+        teacher,
+        out,
+        LabelConfig(top_k=3, batch_size=16, shard_rows=30, rows_per_file=40),
+        teacher_id="gen-0",
+    )
     assert again.resumed == 100 and again.predicted == 95
     assert read_s3_table(result.predictions_uri).num_rows == 95
 
     config = CurationConfig(confidence_floor=0.0, images_per_class=20, seed=3)
-    stats = curate(result.predictions_uri, bucket + "/dataset", [str(c) for c in range(10)], config,
-                   dataset_id="s3", rejected=result.rejected)
+    stats = curate(
+        result.predictions_uri,
+        bucket + "/dataset",
+        [str(c) for c in range(10)],
+        config,
+        dataset_id="s3",
+        rejected=result.rejected,
+    )
     assert stats.manifest_uri == bucket + "/dataset/manifest"
     manifest = read_s3_table(stats.manifest_uri)
     assert manifest.schema.equals(schema.MANIFEST)
@@ -118,8 +135,14 @@ def test_a_generation_with_every_artifact_on_s3(ray_cluster, tmp_path):
     teacher = bucket + "/g0/model"
     untrained_model(teacher)
 
-    spec = GenerationSpec(teacher=teacher, labeled=bucket + "/labeled", unlabeled=bucket + "/unlabeled",
-                          eval=bucket + "/test", output=bucket + "/g1", student=every(small(6), 3))
+    spec = GenerationSpec(
+        teacher=teacher,
+        labeled=bucket + "/labeled",
+        unlabeled=bucket + "/unlabeled",
+        eval=bucket + "/test",
+        output=bucket + "/g1",
+        student=every(small(6), 3),
+    )
     spec.curation.confidence_floor = 0.0
     result = pipeline.run_generation(spec, "g1")
     assert result.labeling.predicted == 300 and result.labeling.predictions_uri == bucket + "/g1/labels/predictions"

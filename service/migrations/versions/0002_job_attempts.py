@@ -24,17 +24,24 @@ JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
 def upgrade() -> None:
     with op.batch_alter_table("generations") as batch:
         batch.add_column(sa.Column("retries", sa.Integer, nullable=False, server_default="0"))
-    generations = sa.table("generations", sa.column("id", sa.String), sa.column("jobs", JSONType),
-                           sa.column("updated_at", sa.DateTime(timezone=True)))
+    generations = sa.table(
+        "generations",
+        sa.column("id", sa.String),
+        sa.column("jobs", JSONType),
+        sa.column("updated_at", sa.DateTime(timezone=True)),
+    )
     conn = op.get_bind()
-    for gid, jobs, updated_at in conn.execute(sa.select(generations.c.id, generations.c.jobs,
-                                                        generations.c.updated_at)).all():
+    for gid, jobs, updated_at in conn.execute(
+        sa.select(generations.c.id, generations.c.jobs, generations.c.updated_at)
+    ).all():
         if not jobs or all(isinstance(v, list) for v in jobs.values()):
             continue
-        when = (updated_at or dt.datetime.now(dt.timezone.utc)).isoformat()
+        when = (updated_at or dt.datetime.now(dt.UTC)).isoformat()
         # An old job was submitted once, under its old id; its status is Ray's to tell on the next tick.
-        converted = {kind: [{"id": sid, "n": 1, "round": 0, "submitted": True, "status": "PENDING",
-                             "created_at": when}] for kind, sid in jobs.items()}
+        converted = {
+            kind: [{"id": sid, "n": 1, "round": 0, "submitted": True, "status": "PENDING", "created_at": when}]
+            for kind, sid in jobs.items()
+        }
         conn.execute(sa.update(generations).where(generations.c.id == gid).values(jobs=converted))
 
 

@@ -1,10 +1,9 @@
-"""``nstudent serve`` as a real process on a free port, for the end-to-end tests and the benchmark."""
+"""``nstudent serve`` as a real process on a free port, for the API latency benchmark and the end-to-end tests."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,12 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from service import cluster
 
 
 class Server:
     def __init__(self, data_dir: Path, env: dict[str, str]):
-        self.data_dir, self.port = data_dir, free_port()
+        self.data_dir, self.port = data_dir, cluster.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "NSTUDENT_DATA_DIR": str(data_dir), "NSTUDENT_PORT": str(self.port), **env}
         self.env.pop("RAY_ADDRESS", None)

@@ -1,0 +1,254 @@
+"""GPU labeling: images/s of the labeling pipeline with CPU and with GPU JPEG decoding, against the model alone.
+
+    .venv/bin/python bench/gpu_labeling.py [--images 4096] [--arch resnet50] [--input-size 224]
+
+Three ways to label the same photo-like JPEG files (local disk) with the same untrained timm model:
+
+- ``model``: the forward pass alone (normalisation, forward, softmax top-k) on a batch decoded beforehand and
+  already on the device; on a GPU in bf16 autocast with channels_last, as the teacher actor runs it: the
+  ceiling no pipeline can beat on this machine.
+- ``cpu_decode``: ``workers.labeling.label`` on a private local Ray cluster with ``gpu_decode=False``: every
+  image decoded and resized in CPU tasks.
+- ``gpu_decode``: the same with ``gpu_decode=True``: baseline JPEGs passed through as bytes and decoded in
+  batches on the teacher's GPU (``torchvision.io.decode_jpeg``), the rest on the CPU.
+
+On a machine without a CUDA device the GPU part is skipped, with a message saying so, and ``model`` and
+``cpu_decode`` are measured on the CPU (fp32), so the script always runs to completion.
+
+The ways are interleaved within each repeat (A B C, then C B A, ...) so that a machine whose speed drifts
+affects each about equally; each way runs in its own process. Reported: per repeat, each pipeline's steady
+rate over the model's (``ratios``), and the median of those per-repeat ratios, beside the median rates.
+``steady`` is images/s in steady state (``labeling_throughput.steady_rate``: outputs after the first quarter,
+dated by the ledger's commits for the pipeline); ``end_to_end`` is images over the whole ``label`` call.
+Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+from labeling_throughput import steady_rate, teacher_folder  # noqa: E402
+
+SCRIPT = str(Path(__file__).resolve())
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------- the phases
+
+
+def phase_model(args) -> dict:
+    import numpy as np
+    import torch
+
+    from curation import imaging
+    from trainer import models
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    model, meta = models.load(args.teacher)
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    paths = json.loads(Path(args.paths).read_text())[: args.batch_size]
+    pixels = torch.from_numpy(
+        np.stack([imaging.decode_for_model(Path(p).read_bytes(), meta.input_size, meta.crop_pct) for p in paths])
+    ).to(device)
+    batches = -(-args.images // args.batch_size)
+    outputs = []
+
+    def step() -> None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(models.normalize(pixels, meta))
+        torch.softmax(logits.float(), dim=1).topk(5, dim=1)[1].cpu()  # the copy back waits for the device
+
+    step()  # the first batch pays for cuDNN's algorithm search and the allocator's growth: not the model's rate
+    started = time.perf_counter()
+    for _ in range(batches):
+        step()
+        outputs.append((time.perf_counter(), args.batch_size))
+    images = batches * args.batch_size
+    return {
+        "images": images,
+        "steady": steady_rate(outputs),
+        "end_to_end": images / (outputs[-1][0] - started),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "bf16": cuda,
+    }
+
+
+def _phase_pipeline(args, gpu_decode: bool) -> dict:
+    from curation import storage
+    from workers import ledger
+    from workers.labeling import LabelConfig, has_gpus, label
+
+    with _common.ray_cluster(num_cpus=args.cpus):
+        gpus = has_gpus()
+        out = tempfile.mkdtemp(prefix="gpu-label-", dir=args.scratch)
+        config = LabelConfig(
+            batch_size=args.batch_size,
+            torch_threads=args.threads,
+            rows_per_file=args.rows_per_file,
+            gpu_decode=gpu_decode,
+        )
+        t1 = time.perf_counter()
+        result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
+        wall = time.perf_counter() - t1
+    entries = []
+    for uri in storage.list_files(os.path.join(out, ledger.LEDGER), suffix=".json"):
+        rows = sum(n for _, n in json.loads(Path(uri).read_text())["shards"])
+        entries.append((os.stat(uri).st_mtime, rows))
+    entries.sort()
+    return {
+        "images": result.images,
+        "predicted": result.predicted,
+        "steady": steady_rate(entries),
+        "end_to_end": result.images / wall,
+        "label_seconds": wall,
+        "cluster_gpus": gpus,
+        "decoded_on": "gpu" if gpu_decode and gpus else "cpu",
+    }
+
+
+def phase_cpu_decode(args) -> dict:
+    return _phase_pipeline(args, gpu_decode=False)
+
+
+def phase_gpu_decode(args) -> dict:
+    return _phase_pipeline(args, gpu_decode=True)
+
+
+PHASES = {"model": phase_model, "cpu_decode": phase_cpu_decode, "gpu_decode": phase_gpu_decode}
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--source-size", type=int, default=256, help="side of the JPEG files, pixels")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads of CPU phases")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
+    p.add_argument("--rows-per-file", type=int, default=256, help="pipeline: rows per predictions file (a commit)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    p.add_argument("--teacher", help=argparse.SUPPRESS)
+    p.add_argument("--paths", help=argparse.SUPPRESS)
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
+    p.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.phase:
+        _common.phase_result(PHASES[args.phase](args))
+        return
+
+    cuda = has_cuda()
+    ways = ["model", "cpu_decode", "gpu_decode"] if cuda else ["model", "cpu_decode"]
+    if not cuda:
+        print(
+            "no CUDA device: the GPU part (bf16 model-only on the GPU, GPU decoding) is skipped; measuring the "
+            "CPU path (fp32 model-only on the CPU, CPU decoding)",
+            file=sys.stderr,
+            flush=True,
+        )
+    machine = _common.machine()
+    if cuda:
+        import torch
+
+        machine["gpu"] = torch.cuda.get_device_name()
+    paths = _common.jpeg_pool(f"jpeg-{args.source_size}", args.images, args.source_size, args.source_size)
+    teacher = teacher_folder(args.arch, args.input_size, args.classes)
+    scratch = tempfile.mkdtemp(prefix="gpu-label-bench-", dir=_common.DATA_DIR)
+    paths_file = os.path.join(scratch, "paths.json")
+    Path(paths_file).write_text(json.dumps(paths))
+    manifest = _common.manifest(paths, os.path.join(scratch, "source.parquet"))
+    common = [
+        "--teacher",
+        teacher,
+        "--paths",
+        paths_file,
+        "--manifest",
+        manifest,
+        "--scratch",
+        scratch,
+        "--images",
+        str(args.images),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--cpus",
+        str(args.cpus),
+        "--rows-per-file",
+        str(args.rows_per_file),
+    ]
+    runs: dict[str, list[dict]] = {w: [] for w in ways}
+    loads = []
+    for r in range(args.repeats):
+        # A B C, then C B A: each way sees the machine's drift from both sides.
+        for way in ways if r % 2 == 0 else ways[::-1]:
+            loads.append(_common.load())
+            result = _common.run_phase(SCRIPT, ["--phase", way, *common])
+            runs[way].append(result)
+            print(
+                f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
+                f"{result['end_to_end']:.1f} img/s (load {loads[-1]})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    summary = {
+        w: {k: round(_common.median([x[k] or 0.0 for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways
+    }
+    ratios = {}
+    for way in ways[1:]:
+        per_repeat = [
+            round((a["steady"] or 0.0) / b["steady"], 3) for a, b in zip(runs[way], runs["model"], strict=True)
+        ]
+        ratios[f"{way}_vs_model"] = {"per_repeat": per_repeat, "median": round(_common.median(per_repeat), 3)}
+    _common.emit(
+        {
+            "benchmark": "gpu_labeling",
+            "machine": machine,
+            "gpu_part": "measured" if cuda else "skipped: no CUDA device",
+            "config": {
+                "images": args.images,
+                "source": f"{args.source_size}x{args.source_size} JPEG (q90)",
+                "model": args.arch,
+                "input_size": args.input_size,
+                "classes": args.classes,
+                "batch_size": args.batch_size,
+                "torch_threads": args.threads,
+                "ray_cpus": args.cpus,
+                "rows_per_file": args.rows_per_file,
+                "repeats": args.repeats,
+                "ways": ways,
+            },
+            "images_per_second_median": summary,
+            "steady_ratios": ratios,
+            "load_average_before_each_run": loads,
+            "runs": runs,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""S3 that fails 10% of requests (503 SlowDown, 500 InternalError, connection resets, GET answers cut half-way;
+``flaky_s3`` in tests/conftest.py): labeling, curation and training with every artifact on S3 finish with every
+image exactly once, no image rejected for a fault of the store, and a missing object still ``missing``; a store
+that keeps failing fails the task instead of rejecting its images."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench.s3proxy import Faults
+from curation import imaging, sources, storage
+from service import pipeline
+from service.specs import GenerationSpec
+from tests import s3
+from tests.helpers import untrained_model, write_pool
+from tests.service.test_pipeline import small
+from trainer import models
+from workers import ledger
+from workers.labeling import read_and_decode
+
+FAULTS = ("slowdown", "internal", "reset", "truncate")
+
+
+def read_s3_table(uri: str, columns=None) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def write_s3_manifest(uri: str, uris: list[str]) -> None:
+    fs, path = storage.resolve(uri)
+    pq.write_table(
+        pa.table(
+            {"image_id": pa.array(sources.image_ids(uris), pa.int64()), "uri": pa.array(uris)},
+            schema=sources.UNLABELED_SCHEMA,
+        ),
+        path,
+        filesystem=fs,
+    )
+
+
+def test_decoding_rejects_only_what_is_missing_and_fails_when_the_store_stays_down(flaky_s3, tmp_path):
+    bucket = s3.new_bucket()
+    good, bad = write_pool(str(tmp_path / "pool"), good=40)
+    s3.upload_folder(str(tmp_path / "pool"), bucket + "/pool")
+    name = {p: f"{bucket}/pool/{os.path.basename(p)}" for p in good + list(bad)}
+    missing = bucket + "/pool/never-written.png"
+    uris = [name[p] for p in good] + [name[p] for p in bad] + [missing]
+    batch = {"image_id": np.arange(len(uris)), "uri": np.array(uris, dtype=object)}
+
+    out = read_and_decode(batch, size=32, crop_pct=1.0, read_concurrency=8)
+    reasons = dict(zip(uris, out["reason"]))
+    assert all(reasons[name[p]] == "" for p in good)
+    assert {u: r for u, r in reasons.items() if r} == {**{name[p]: r for p, r in bad.items()}, missing: imaging.MISSING}
+    assert sum(flaky_s3.counts[f] for f in FAULTS) >= 5, flaky_s3.counts
+
+    saved = storage.S3_MAX_ATTEMPTS
+    storage.S3_MAX_ATTEMPTS = 3  # the store down for good: fewer attempts than the default, so that this is quick
+    storage._filesystem.cache_clear()
+    try:
+        flaky_s3.reset(Faults(internal=1.0))
+        with pytest.raises(storage.StorageUnavailable, match="500"):
+            read_and_decode(batch, size=32, crop_pct=1.0, read_concurrency=8)
+    finally:
+        flaky_s3.reset(Faults.mixed(0.10))
+        storage.S3_MAX_ATTEMPTS = saved
+        storage._filesystem.cache_clear()
+
+
+def test_a_generation_on_flaky_s3_loses_nothing_and_repeats_nothing(ray_cluster, flaky_s3, digits_root, tmp_path):
+    """Labeling (Ray Data tasks reading images, writing Parquet and the ledger), curation (Ray Data reading
+    predictions, writing the manifest and stats.json) and the student (Ray Train reading both, checkpoints,
+    the model folder), all on S3 while 10% of its requests fail."""
+    bucket = s3.new_bucket()
+    s3.upload_folder(str(digits_root / "labeled"), bucket + "/labeled")
+    s3.upload_folder(str(digits_root / "test"), bucket + "/test")
+    pool = tmp_path / "pool"
+    os.makedirs(pool)
+    for name in sorted(os.listdir(digits_root / "unlabeled"))[:40]:
+        os.link(digits_root / "unlabeled" / name, pool / name)
+    _, bad = write_pool(str(pool), good=0)
+    objects = s3.upload_folder(str(pool), bucket + "/unlabeled")
+    missing = bucket + "/unlabeled/deleted-after-listing.png"
+    source = objects + [missing]
+    write_s3_manifest(bucket + "/pool.parquet", source)
+    teacher = bucket + "/g0/model"
+    untrained_model(teacher)
+
+    spec = GenerationSpec(
+        teacher=teacher,
+        labeled=bucket + "/labeled",
+        unlabeled=bucket + "/pool.parquet",
+        eval=bucket + "/test",
+        output=bucket + "/g1",
+        student=small(4).model_copy(update={"checkpoint_every": 2}),
+    )
+    spec.label.batch_size, spec.label.shard_rows, spec.label.rows_per_file = 8, 16, 16
+    spec.curation.confidence_floor = 0.0
+    result = pipeline.run_generation(spec, "g1")
+
+    # every source image exactly once across predictions and rejects
+    preds = read_s3_table(result.labeling.predictions_uri, ["image_id", "uri"])
+    rejects = read_s3_table(result.labeling.rejects_uri, ["uri", "reason"])
+    seen = Counter(preds.column("uri").to_pylist() + rejects.column("uri").to_pylist())
+    assert seen == Counter(source)
+    # rejected: the bad files for their own reasons and the missing object, nothing for a fault of the store
+    expected = {f"{bucket}/unlabeled/{os.path.basename(p)}": r for p, r in bad.items()}
+    assert dict(zip(rejects.column("uri").to_pylist(), rejects.column("reason").to_pylist())) == {
+        **expected,
+        missing: imaging.MISSING,
+    }
+    assert result.labeling.predicted == 40 and result.labeling.images == len(source)
+    assert storage.list_files(storage.join(spec.output, "labels", ledger.STAGING)) == []
+
+    # the manifest: as many rows as the statistics say, each image once
+    manifest = read_s3_table(result.dataset.manifest_uri, ["image_id", "copies"])
+    stats = storage.read_json(bucket + "/g1/dataset/stats.json")
+    assert manifest.num_rows == result.dataset.manifest_rows == stats["manifest_rows"] > 0
+    assert len(set(manifest.column("image_id").to_pylist())) == manifest.num_rows
+    assert set(manifest.column("image_id").to_pylist()) <= set(preds.column("image_id").to_pylist())
+    assert stats["images_seen"] == len(source)
+
+    # the student trained its steps, checkpointed on S3 and saved a model folder that loads
+    student, meta = models.load(result.student.model_uri)
+    assert not student.training and meta.metrics["test_images"] == 100
+    assert any(u.endswith("/state.pt") for u in storage.list_files(bucket + "/g1/checkpoints"))
+    assert all(flaky_s3.counts[f] > 0 for f in FAULTS), flaky_s3.counts
