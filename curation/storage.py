@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 # request in 10^10 failing for a transient reason. pyarrow waits 25 ms x 2^n before its n-th retry, so a store
 # that stays down fails a request after about 25 s of retrying; boto3 (standard mode) waits up to 20 s at
 # random before each retry.
-S3_MAX_ATTEMPTS = int(os.environ.get("NSTUDENT_S3_MAX_ATTEMPTS", "10"))
+S3_MAX_ATTEMPTS = 10
 # Seconds to open a TCP (and TLS) connection to the store before the attempt counts as failed and is retried.
 S3_CONNECT_TIMEOUT_SECONDS = 5.0
 # Seconds a request may wait for data from the store before the attempt fails and is retried: boto3's read

@@ -33,6 +33,12 @@ class LabelConfig(Config):
         description="source rows per read task and per unit of resume (a killed job redoes at most "
         "the shards in flight)",
     )
+    decode_batch_size: int = Field(
+        128,
+        ge=1,
+        le=65_536,
+        description="rows per decode task batch: small enough that a block of decoded 224px images stays ~20 MB",
+    )
     rows_per_file: int = Field(
         16384, ge=1, le=16_777_216, description="rows per predictions file (at least; the last may be fewer)"
     )

@@ -57,10 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Rows per read/decode task batch: small enough that a block of decoded 224px images stays ~20 MB.
-DECODE_BATCH_SIZE = int(os.environ.get("NSTUDENT_DECODE_BATCH_SIZE", "128"))
 # Manifest rows per read task (whole shards, inside one row group): a few MB of URIs. Their rows are cut into
-# blocks of DECODE_BATCH_SIZE on the way out, so decoding runs in as many tasks as there are CPUs for it.
+# blocks of LabelConfig.decode_batch_size rows on the way out, so decoding runs in as many tasks as there
+# are CPUs for it.
 READ_UNIT_ROWS = 65_536
 # <out>/progress/: one small JSON per teacher actor, its rows labeled so far (the driver's progress bars).
 PROGRESS_DIR = "progress"
@@ -500,7 +499,7 @@ def _labeling_dataset(
     units = plan.units(READ_UNIT_ROWS, todo)
     reader, kwargs = read_units, {"plan": plan, "units": units, "todo": todo, "skip_ids": skip_ids}
     if fmt in (sources.SourceFormat.WEBDATASET, sources.SourceFormat.PARQUET_BYTES):
-        reader, kwargs = read_container_units, {**kwargs, "out_uri": out_uri}
+        reader, kwargs = read_container_units, {**kwargs, "out_uri": out_uri, "chunk_rows": config.decode_batch_size}
     # The unit numbers are blocks made here (from_items), not a range read: a read task would reserve a whole
     # CPU, which a one-CPU node running the teacher actor never has.
     ds = ray.data.from_items([{"id": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
@@ -510,7 +509,7 @@ def _labeling_dataset(
         batch_size=1,
         num_cpus=READ_CPUS,
         fn_kwargs=kwargs,
-    ).repartition(target_num_rows_per_block=DECODE_BATCH_SIZE)
+    ).repartition(target_num_rows_per_block=config.decode_batch_size)
     _reserve_cpus(ds, READ_CPUS)
     if has_gpus():
         actors = config.actors or int(ray.cluster_resources()["GPU"] // config.gpus_per_actor)
@@ -523,7 +522,7 @@ def _labeling_dataset(
     decode_cpus = DECODE_CPUS if resources.get("num_cpus") != DECODE_CPUS else DECODE_CPUS - 0.01
     ds = ds.map_batches(
         read_and_decode,
-        batch_size=DECODE_BATCH_SIZE,
+        batch_size=config.decode_batch_size,
         batch_format="numpy",
         fn_kwargs={
             "size": meta.input_size,
@@ -597,22 +596,23 @@ def read_container_units(
     todo: np.ndarray,
     skip_ids: np.ndarray,
     out_uri: str,
+    chunk_rows: int,
 ) -> Iterator[pa.Table]:
     """The images of read units ``units[batch["id"]]`` of a WebDataset (a tar shard each) or parquet-bytes
-    source (a row group each) as (image_id, uri, data, shard) tables of at most DECODE_BATCH_SIZE rows, less
+    source (a row group each) as (image_id, uri, data, shard) tables of at most ``chunk_rows`` rows, less
     the ids in ``skip_ids``. A tar shard is streamed once, start to end; then its size is recorded in the
     ledger (``ledger.record_size``), so that a resumed run knows whether it is finished."""
     for i in batch["id"]:
         first, _ = (int(v) for v in units[int(i)])
         if isinstance(plan, ledger.TarPlan):
             images = 0
-            for rows in sources.read_tar_images(plan.files[first], chunk_rows=DECODE_BATCH_SIZE):
+            for rows in sources.read_tar_images(plan.files[first], chunk_rows=chunk_rows):
                 images += rows.num_rows
                 yield from _unit_rows(rows, first, skip_ids)
             ledger.record_size(out_uri, first, images)
         else:
             file_uri, group, _, _ = plan.locate(first)
-            for rows in sources.read_parquet_images(file_uri, group, chunk_rows=DECODE_BATCH_SIZE):
+            for rows in sources.read_parquet_images(file_uri, group, chunk_rows=chunk_rows):
                 yield from _unit_rows(rows, first, skip_ids)
 
 
