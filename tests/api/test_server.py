@@ -211,8 +211,8 @@ def test_admission_a_killed_job_and_a_retry(server, digits_root):
     gid = getattr(server, "first_generation", None)
     if gid is None:
         pytest.skip("needs the first generation's model")
-    pool = _small_pool(digits_root, 300)
-    body = sources(digits_root, teacher=gid, unlabeled=pool, student=train(30))
+    pool = _small_pool(digits_root, 150)
+    body = sources(digits_root, teacher=gid, unlabeled=pool, student=train(20))
     ids = [httpx.post(f"{server.url}/generations", json=body, headers=WRITE).json()["id"] for _ in range(3)]
     most_active, killed, cancelled, deadline = 0, False, False, time.time() + 900
     while time.time() < deadline:

@@ -206,3 +206,29 @@ def test_credentials_in_urls_never_reach_a_response_or_a_log_line(tmp_path, capl
     finally:
         logging.getLogger().removeHandler(handler)
     assert redact.redact("s3://bucket/key?X-Amz-Signature=deadbeef&x=1") == "s3://bucket/key?X-Amz-Signature=***&x=1"
+
+
+def test_a_teachers_model_json_may_not_name_paths_or_downloads(tmp_path):
+    from trainer.meta import ModelMeta
+
+    base = {"architecture": "test_resnet", "class_names": ["a", "b"], "input_size": 32}
+    for kwargs in ({"checkpoint_path": "/outside/w.pth"}, {"pretrained": True}, {"pretrained_cfg": {"file": "/x"}}):
+        with pytest.raises(ValueError, match="is not allowed"):
+            ModelMeta.model_validate({**base, "model_kwargs": kwargs})
+    assert ModelMeta.model_validate({**base, "model_kwargs": {"global_pool": "avg"}}).model_kwargs
+
+
+def test_the_local_head_keeps_its_token_and_record_private(tmp_path):
+    import stat
+
+    from service import cluster
+
+    state = tmp_path / "ray"
+    head = cluster.start_head(state, num_cpus=1)
+    try:
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        for name in ("head.json", "token"):
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+        assert head.token in (state / "head.json").read_text()
+    finally:
+        cluster.stop_head(head)
