@@ -200,14 +200,7 @@ def import_model(
 
     if checkpoint is not None:
         source: dict[str, Any] = {"checkpoint": checkpoint}
-        state = read_checkpoint(checkpoint)
-        model = timm.create_model(base, pretrained=False, num_classes=len(class_names), **kwargs)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            # torch lists every key; the first lines name the kind of mismatch and the first tensors.
-            detail = " ".join(str(e).split())[:400]
-            raise ValueError(f"{checkpoint} does not fit {base} with {len(class_names)} classes: {detail}") from None
+        weights = checkpoint
     else:
         source = {"hf_cache": architecture, "file": file}
         # The cached config.json's count is the one the cached weights have; timm's registry may differ.
@@ -217,15 +210,16 @@ def import_model(
                 f"{architecture}'s pretrained classifier has {outputs} outputs, "
                 f"but {len(class_names)} class names were given"
             )
-        # The resolved local file through timm's own loader: the weights create_model(pretrained=True) would
-        # load offline, with no network path at all; strict, since the head's size was checked above.
-        model = timm.create_model(
-            name,
-            pretrained=True,
-            num_classes=len(class_names),
-            pretrained_cfg_overlay={"file": file, "num_classes": outputs},
-            **kwargs,
-        )
+        weights = file
+    # Built from its timm name alone (never pretrained=True, never an hf-hub: name, either of which may reach
+    # the network), then the local weights loaded strictly: a missing or misshapen tensor is an error.
+    model = timm.create_model(base, pretrained=False, num_classes=len(class_names), **kwargs)
+    try:
+        model.load_state_dict(read_checkpoint(weights), strict=True)
+    except RuntimeError as e:
+        # torch lists every key; the first lines name the kind of mismatch and the first tensors.
+        detail = " ".join(str(e).split())[:400]
+        raise ValueError(f"{weights} does not fit {base} with {len(class_names)} classes: {detail}") from None
 
     meta = ModelMeta(
         architecture=base,
