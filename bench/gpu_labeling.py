@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from labeling_throughput import steady_rate, teacher_folder  # noqa: E402
+from labeling_throughput import commit_times, steady_rate, teacher_folder  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 
@@ -91,8 +91,6 @@ def phase_model(args) -> dict:
 
 
 def _phase_pipeline(args, gpu_decode: bool) -> dict:
-    from curation import storage
-    from workers import ledger
     from workers.labeling import LabelConfig, has_gpus, label
 
     with _common.ray_cluster(num_cpus=args.cpus):
@@ -107,11 +105,7 @@ def _phase_pipeline(args, gpu_decode: bool) -> dict:
         t1 = time.perf_counter()
         result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
         wall = time.perf_counter() - t1
-    entries = []
-    for uri in storage.list_files(os.path.join(out, ledger.LEDGER), suffix=".json"):
-        rows = sum(n for _, n in json.loads(Path(uri).read_text())["shards"])
-        entries.append((os.stat(uri).st_mtime, rows))
-    entries.sort()
+    entries = commit_times(out)
     return {
         "images": result.images,
         "predicted": result.predicted,

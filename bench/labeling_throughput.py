@@ -41,6 +41,19 @@ import _common  # noqa: E402
 SCRIPT = str(Path(__file__).resolve())
 
 
+def commit_times(out: str) -> list[tuple[float, int]]:
+    """(when, rows) of each commit of a labeling run into ``out``, in order: each ledger entry is written when
+    its write task has committed its rows, so they date the outputs."""
+    from curation import storage
+    from workers import ledger
+
+    entries = []
+    for uri in storage.list_files(os.path.join(out, ledger.LEDGER), suffix=".json"):
+        rows = sum(n for _, n in json.loads(Path(uri).read_text())["shards"])
+        entries.append((os.stat(uri).st_mtime, rows))
+    return sorted(entries)
+
+
 def steady_rate(outputs: list[tuple[float, int]]) -> float | None:
     """Images per second in steady state from (time, images) of each output, in order: the least-squares
     slope of the images done against time over the outputs after the first quarter of the images (start-up,
@@ -187,8 +200,6 @@ def phase_plain(args) -> dict:
 
 
 def phase_pipeline(args) -> dict:
-    from curation import storage
-    from workers import ledger
     from workers.labeling import LabelConfig, label
 
     t0 = time.perf_counter()
@@ -199,12 +210,7 @@ def phase_pipeline(args) -> dict:
         t1 = time.perf_counter()
         result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
         wall = time.perf_counter() - t1
-    # Each ledger entry is written when its write task has committed its rows: they date the outputs.
-    entries = []
-    for uri in storage.list_files(os.path.join(out, ledger.LEDGER), suffix=".json"):
-        rows = sum(n for _, n in json.loads(Path(uri).read_text())["shards"])
-        entries.append((os.stat(uri).st_mtime, rows))
-    entries.sort()
+    entries = commit_times(out)
     return {
         "images": result.images,
         "predicted": result.predicted,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import sys
@@ -83,7 +82,6 @@ BAR = ("s3_20ms / s3_0ms", 0.9)
 def phase_label(args) -> dict:
     """One labeling run in this child process, its S3 endpoint taken from the environment it was given."""
     from curation import storage
-    from workers import ledger
     from workers.labeling import LabelConfig, label
 
     t0 = time.perf_counter()
@@ -99,11 +97,7 @@ def phase_label(args) -> dict:
         t1 = time.perf_counter()
         result = label(args.source, args.teacher, out, config, teacher_id="bench", source_format=args.format)
         wall = time.perf_counter() - t1
-    entries = []
-    for uri in storage.list_files(os.path.join(out, ledger.LEDGER), suffix=".json"):
-        rows = sum(n for _, n in json.loads(Path(uri).read_text())["shards"])
-        entries.append((os.stat(uri).st_mtime, rows))
-    entries.sort()
+    entries = labeling_throughput.commit_times(out)
     return {
         "images": result.images,
         "predicted": result.predicted,
