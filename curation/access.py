@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from curation import storage
+from curation.config import clean_text
 from curation.imaging import NOT_REGULAR_FILE, OUTSIDE_ROOTS, TOO_LARGE
 
 
@@ -23,18 +24,12 @@ class BadUri(ValueError):
     """A URI that cannot be used: unsupported scheme, NUL bytes, lone surrogates, dot segments."""
 
 
-def _check_text(uri: str) -> None:
-    if "\x00" in uri:
-        raise BadUri("a NUL byte is not allowed in a path")
-    try:
-        uri.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadUri("a path must be valid Unicode (no lone surrogates)") from None
-
-
 def normalize(uri: str) -> str:
     """The normal form of ``uri`` (see the module docstring), or BadUri."""
-    _check_text(uri)
+    try:
+        clean_text(uri)
+    except ValueError as e:
+        raise BadUri(f"{e} in a path") from None
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" not in uri:

@@ -14,18 +14,19 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 MAX_SEED = 2**63 - 1
 
 
-def _clean(value: str) -> str:
+def clean_text(value: str) -> str:
+    """``value`` if it holds no NUL byte and no lone surrogate; else ValueError saying which."""
     if "\x00" in value:
         raise ValueError("a NUL byte is not allowed")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+        raise ValueError("a lone surrogate is not allowed (not valid Unicode)") from None
     return value
 
 
 # A string that can be stored, logged and used as a path: no NUL byte, no lone surrogate.
-CleanStr = Annotated[str, AfterValidator(_clean)]
+CleanStr = Annotated[str, AfterValidator(clean_text)]
 
 
 class Config(BaseModel):
