@@ -16,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -291,6 +292,17 @@ def jpeg_pool(name: str, count: int, width: int, height: int, *, seed: int = 0) 
     (folder / "paths.json").write_text(json.dumps(paths))
     stamp.write_text(json.dumps(params))
     return paths
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar archive of (name, bytes) members, in order: a WebDataset shard."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def manifest(paths: list[str], uri: str) -> str:

@@ -38,7 +38,6 @@ import io
 import logging
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -114,16 +113,6 @@ def phase_label(args) -> dict:
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def parquet_bytes(images: list[bytes]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -143,7 +132,7 @@ def upload_sources(client, paths: list[str]) -> list[str]:
     groups = [range(a, min(a + CONTAINER_IMAGES, len(paths))) for a in range(0, len(paths), CONTAINER_IMAGES)]
     puts = list(zip(keys, blobs))
     puts += [
-        (f"wds/pool-{g:06d}.tar", tar_bytes([(f"{i:07d}.jpg", blobs[i]) for i in group]))
+        (f"wds/pool-{g:06d}.tar", _common.tar_bytes([(f"{i:07d}.jpg", blobs[i]) for i in group]))
         for g, group in enumerate(groups)
     ]
     # four row groups per Parquet file

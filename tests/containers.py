@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench._common import tar_bytes
 from tests.helpers import image_bytes
 
 CLASSES = ["cat", "dog", "eel"]
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def webdataset_members(
