@@ -1,7 +1,12 @@
+import contextlib
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from bench.server import Server
+from service import cluster
 from service.control import ControlPlane
 from service.jobs import Jobs
 from service.principals import Principals, Role
@@ -31,3 +36,47 @@ def app(tmp_path, digits_root):
 def client(app):
     with TestClient(app) as c:
         yield c
+
+
+# The tokens of `nstudent serve` in the end-to-end tests (a real process, its own Ray head).
+SERVER_TOKENS = {"NSTUDENT_WRITE_TOKENS": "w-token", "NSTUDENT_READ_TOKENS": "r-token"}
+
+
+def train(steps: int) -> dict:
+    """A small training config on the digits: test_resnet at 32 px, a checkpoint every 10 steps."""
+    return {
+        "architecture": "test_resnet",
+        "input_size": 32,
+        "mean": [0.13] * 3,
+        "std": [0.31] * 3,
+        "steps": steps,
+        "batch_size": 16,
+        "unlabeled_ratio": 2,
+        "warmup_steps": 2,
+        "checkpoint_every": 10,
+    }
+
+
+@contextlib.contextmanager
+def running_server(data_dir, digits_root, **env: str):
+    """`nstudent serve` with its own Ray head, allowed to read the digits; stopped on exit, and its head too if a
+    test left it running (only when a test failed before the server could stop it: never leak it)."""
+    s = Server(
+        data_dir,
+        {
+            **SERVER_TOKENS,
+            "NSTUDENT_SOURCE_ROOTS": str(digits_root),
+            "NSTUDENT_POLL_SECONDS": "0.5",
+            "NSTUDENT_RAY_NUM_CPUS": "2",
+            **env,
+        },
+    )
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        record = data_dir / "ray" / "head.json"
+        if record.exists():
+            head = cluster.Head(**json.loads(record.read_text()))
+            if cluster._alive(head.pid):
+                cluster.stop_head(head)

@@ -32,50 +32,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bench.server import Server
 from curation import sources
-from service import cluster
+from tests.api.conftest import running_server, train
 
 pytestmark = pytest.mark.slow
-TOKENS = {"NSTUDENT_WRITE_TOKENS": "w-token", "NSTUDENT_READ_TOKENS": "r-token"}
 READ = {"Authorization": "Bearer r-token"}
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 REQUIRE_BROWSER = os.environ.get("NSTUDENT_REQUIRE_BROWSER") == "1"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def train(steps: int) -> dict:
-    return {
-        "architecture": "test_resnet",
-        "input_size": 32,
-        "mean": [0.13] * 3,
-        "std": [0.31] * 3,
-        "steps": steps,
-        "batch_size": 16,
-        "unlabeled_ratio": 2,
-        "warmup_steps": 2,
-        "checkpoint_every": 10,
-    }
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, digits_root):
-    data_dir = tmp_path_factory.mktemp("serve-dashboard")
-    s = Server(
-        data_dir,
-        {
-            **TOKENS,
-            "NSTUDENT_SOURCE_ROOTS": str(digits_root),
-            "NSTUDENT_POLL_SECONDS": "0.5",
-            "NSTUDENT_RAY_NUM_CPUS": "2",
-            "NSTUDENT_PROGRESS_SECONDS": "0.5",
-        },
-    )
-    yield s.start()
-    s.stop()
-    head = cluster.Head(**json.loads((data_dir / "ray" / "head.json").read_text()))
-    if cluster._alive(head.pid):  # only when a test failed before the server could stop it: never leak it
-        cluster.stop_head(head)
+    with running_server(tmp_path_factory.mktemp("serve-dashboard"), digits_root, NSTUDENT_PROGRESS_SECONDS="0.5") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
