@@ -27,7 +27,7 @@ import ray
 import ray._private.utils
 from ray.cluster_utils import Cluster
 
-from tests.helpers import untrained_model, write_pool
+from tests.helpers import checkpoint_registered, untrained_model, write_pool
 
 # Cluster writes its address to /tmp/ray/ray_current_cluster, where any `ray.init()` on the machine would find
 # and join it: this cluster is private.
@@ -154,17 +154,7 @@ def train_job(workdir: str, steps: int, fault_action=None) -> dict:
     fault: dict = {}
     if fault_action is not None:
         checkpoints = os.path.join(output, "checkpoints", "teacher")
-
-        def checkpointed() -> bool:
-            # Registered by Ray Train's controller, not only written: a checkpoint folder appears while it is
-            # still being saved, and a worker lost then resumes from the checkpoint before it.
-            try:
-                with open(os.path.join(checkpoints, "checkpoint_manager_snapshot.json")) as f:
-                    return bool(json.load(f).get("latest_checkpoint_result"))
-            except (OSError, ValueError):
-                return False
-
-        inject(fault, lambda: (wait_for(checkpointed, "a checkpoint"), fault_action())[1])
+        inject(fault, lambda: (wait_for(lambda: checkpoint_registered(checkpoints), "a checkpoint"), fault_action())[1])
     started = time.time()
     result = pipeline.train_teacher(config, labeled=root, eval=root, output=output)
     return {"training": result.model_dump(), "fault": fault, "started": started, "finished": time.time()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -65,6 +66,17 @@ def untrained_model(
     meta.parameters = models.count_parameters(model)
     models.save(model, meta, uri)
     return meta
+
+
+def checkpoint_registered(run_folder: str) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint of the run in ``run_folder``, not only written
+    one: a checkpoint folder appears while it is still being saved, and a run stopped then resumes from the one
+    before it."""
+    try:
+        with open(os.path.join(run_folder, "checkpoint_manager_snapshot.json")) as f:
+            return bool(json.load(f).get("latest_checkpoint_result"))
+    except (OSError, ValueError):
+        return False
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -16,6 +16,7 @@ from ray.job_submission import JobSubmissionClient
 from curation.balance import NUM_BINS
 from service import cluster
 from tests.api.conftest import running_server, train
+from tests.helpers import checkpoint_registered
 
 pytestmark = pytest.mark.slow
 WRITE, READ = {"Authorization": "Bearer w-token"}, {"Authorization": "Bearer r-token"}
@@ -184,7 +185,7 @@ def test_admission_a_killed_job_and_a_retry(server, digits_root):
     if gid is None:
         pytest.skip("needs the first generation's model")
     pool = _small_pool(digits_root, 150)
-    body = sources(digits_root, teacher=gid, unlabeled=pool, student=train(20))
+    body = sources(digits_root, teacher=gid, unlabeled=pool, student=train(40))
     ids = [httpx.post(f"{server.url}/generations", json=body, headers=WRITE).json()["id"] for _ in range(3)]
     most_active, killed, cancelled, deadline = 0, False, False, time.time() + 900
     while time.time() < deadline:
@@ -192,7 +193,8 @@ def test_admission_a_killed_job_and_a_retry(server, digits_root):
         most_active = max(most_active, sum(j.status.value in ("PENDING", "RUNNING") for j in jobs))
         gens = {g: httpx.get(f"{server.url}/generations/{g}", headers=READ).json() for g in ids}
         first, second = gens[ids[0]], gens[ids[1]]
-        if not killed and first["stage"] == "training" and (first["progress"].get("step") or 0) >= 10:
+        student_run = Path(first["output"]) / "checkpoints" / "student"
+        if not killed and first["stage"] == "training" and checkpoint_registered(str(student_run)):
             killed = _kill_driver(first["jobs"]["train"][-1]["id"])
         if not cancelled and second["stage"] in ("labeling", "curating", "training"):
             assert httpx.post(f"{server.url}/generations/{ids[1]}/cancel", headers=WRITE).status_code == 202
