@@ -21,7 +21,6 @@ This module is the only place that spells these names; it imports neither torch 
 from __future__ import annotations
 
 import enum
-import os
 import time
 from dataclasses import dataclass
 
@@ -113,9 +112,8 @@ class Progress(BaseModel):
     time: float | None = Field(None, description="when it was written (Unix seconds)")
 
 
-def progress_seconds() -> float:
-    """How often running jobs rewrite their progress file: ``NSTUDENT_PROGRESS_SECONDS``, default 2."""
-    return float(os.environ.get("NSTUDENT_PROGRESS_SECONDS") or 2.0)
+# How often a running job rewrites its progress file, unless its spec says otherwise.
+PROGRESS_SECONDS = 2.0
 
 
 def write_progress(uri: str, phase: Phase, **fields: int | float | None) -> None:

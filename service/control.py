@@ -84,7 +84,7 @@ class ControlPlane:
             name: self.source(name, getattr(config, name), roots) for name in ("labeled", "unlabeled", "eval")
         }
         teacher, parent_id = self._check(config, normalized, roots, principal)
-        body = {**body, **normalized, "roots": roots}
+        body = {**body, **normalized, "roots": roots, "progress_seconds": self.settings.progress_seconds}
         ids = [new_generation_id() for _ in range(iterations)]
         chain = [
             Generation(

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from curation import access, shards, sources, storage
 from curation.errors import UserError
-from curation.layout import Layout, Phase, progress_seconds, write_progress
+from curation.layout import PROGRESS_SECONDS, Layout, Phase, write_progress
 from curation.sources import SourceFormat
 from curation.stats import DatasetStats
 from service.specs import GenerationSpec
@@ -58,6 +58,7 @@ def train_teacher(
     output: str,
     run_name: str = "teacher",
     progress_uri: str | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
     labeled_format: SourceFormat | None = None,
     eval_format: SourceFormat | None = None,
     roots: list[str] | None = None,
@@ -77,6 +78,7 @@ def train_teacher(
         run_name=run_name,
         code_version=code_version(),
         progress_uri=progress_uri,
+        progress_seconds=progress_seconds,
     )
 
 
@@ -90,6 +92,7 @@ def teacher_stage(spec: GenerationSpec) -> TrainResult:
         eval_format=spec.eval_format,
         output=Layout(spec.output).teacher,
         progress_uri=Layout(spec.output).progress,
+        progress_seconds=spec.progress_seconds,
         roots=spec.roots,
     )
 
@@ -132,7 +135,7 @@ def label_stage(
     t = time.time()
     layout = Layout(spec.output)
     labels_uri = layout.labels
-    with LabelingProgress(spec.unlabeled, layout):
+    with LabelingProgress(spec.unlabeled, layout, spec.progress_seconds):
         labeling = label(
             spec.unlabeled,
             teacher_uri,
@@ -141,6 +144,7 @@ def label_stage(
             teacher_id=teacher_uri,
             source_format=spec.unlabeled_format,
             roots=spec.roots,
+            progress_seconds=spec.progress_seconds,
         )
     timings["labeling"] = time.time() - t
     progress(
@@ -190,6 +194,7 @@ def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
         pseudo_rows=dataset.manifest_copies,
         code_version=code_version(),
         progress_uri=Layout(spec.output).progress,
+        progress_seconds=spec.progress_seconds,
     )
 
 
@@ -229,8 +234,8 @@ class LabelingProgress:
     run (files are written only every ``rows_per_file`` rows, the actors' counts every few seconds).
     """
 
-    def __init__(self, source_uri: str, layout: Layout, every: float | None = None):
-        self.source_uri, self.layout, self.every = source_uri, layout, every or progress_seconds()
+    def __init__(self, source_uri: str, layout: Layout, every: float = PROGRESS_SECONDS):
+        self.source_uri, self.layout, self.every = source_uri, layout, every
         self.rows: dict[str, int] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="labeling-progress", daemon=True)

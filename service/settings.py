@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
     poll_seconds: float = Field(2.0, gt=0, description="how often running generations are followed")
+    progress_seconds: float = Field(
+        2.0, gt=0, le=3600, description="how often running jobs rewrite their progress file (the progress bars' pace)"
+    )
     max_page_size: int = Field(1000, ge=1, le=1000, description="largest `limit` of a paged listing")
     max_running_jobs: int = Field(
         4,

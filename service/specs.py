@@ -8,6 +8,7 @@ from pydantic import Field
 
 from curation.balance import CurationConfig
 from curation.config import CleanStr, Config
+from curation.layout import PROGRESS_SECONDS
 from curation.sources import SourceFormat
 from trainer.config import TrainConfig
 from workers.config import LabelConfig
@@ -59,4 +60,11 @@ class GenerationSpec(GenerationConfig):
         None,
         description="folders and s3:// prefixes the jobs may read from, checked at every read (the control "
         "plane sets them from the principal's roots); none: anywhere, for a generation run from the command line",
+    )
+    progress_seconds: float = Field(
+        PROGRESS_SECONDS,
+        gt=0,
+        le=3600,
+        description="seconds between two writes of a running job's progress file (the control plane sets it "
+        "from its own setting)",
     )

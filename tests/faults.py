@@ -11,7 +11,8 @@ writes WORKDIR/result.json: what the job returned, the fault injected and when. 
 - ``label-actor-kill``: the same cluster; the teacher actor's process gets SIGKILL once a shard is committed;
 - ``train-node-loss``: the same cluster; the node hosting the Ray Train worker is removed without grace once
   a checkpoint is written;
-- ``one-cpu``: a single 1-CPU node: labeling, then training.
+- ``one-cpu``: a single 1-CPU node: labeling, then training;
+- ``train-stall``: a single 2-CPU node; a training worker asks for 64 CPUs, with a stall timeout of 10 s.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ray._private.utils
 from ray.cluster_utils import Cluster
 
 from tests.helpers import checkpoint_registered, untrained_model, write_pool
+from trainer.stall import StallError
 
 # Cluster writes its address to /tmp/ray/ray_current_cluster, where any `ray.init()` on the machine would find
 # and join it: this cluster is private.
@@ -129,7 +131,7 @@ def label_job(workdir: str, images: int = IMAGES, fault_action=None) -> dict:
     }
 
 
-def train_job(workdir: str, steps: int, fault_action=None) -> dict:
+def train_job(workdir: str, steps: int, fault_action=None, **config) -> dict:
     from service import pipeline
     from trainer.config import TrainConfig
 
@@ -149,6 +151,7 @@ def train_job(workdir: str, steps: int, fault_action=None) -> dict:
         warmup_steps=0,
         checkpoint_every=4,
         max_failures=3,
+        **config,
     )
     output = os.path.join(workdir, "train")
     fault: dict = {}
@@ -165,6 +168,15 @@ def main(scenario: str, workdir: str) -> None:
         cluster, _ = start(workdir, [], head_cpus=1)
         out = label_job(workdir, IMAGES_ONE_CPU)
         out.update(train_job(workdir, steps=4))
+    elif scenario == "train-stall":
+        cluster, _ = start(workdir, [], head_cpus=2)
+        started = time.time()
+        try:
+            train_job(workdir, steps=4, cpus_per_worker=64, stall_timeout_s=10)
+            out = {"stall": None}
+        except StallError as e:
+            # The job's driver exits on the error, and the stalled run with it.
+            out = {"stall": str(e), "seconds": time.time() - started}
     else:
         cluster, workers = start(workdir, [1, 1], head_cpus=0)
 

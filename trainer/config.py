@@ -67,6 +67,13 @@ class TrainConfig(ModelShape):
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="intra-op threads per CPU worker; default: all cores"
     )
+    stall_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="seconds without a training or evaluation step (Ray Train's start-up and restarts included) "
+        "after which the run fails with a StallError naming what waits on what; none: wait forever",
+    )
     checkpoint_every: int = Field(200, ge=1, le=100_000_000, description="steps between checkpoints")
     shuffle_buffer: int = Field(2048, ge=0, le=10_000_000, description="rows in each worker's local shuffle buffer")
     seed: int = Field(0, ge=0, le=MAX_SEED)

@@ -27,8 +27,8 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from curation import imaging, storage
-from curation.layout import Phase, progress_seconds, write_progress
-from trainer import data, models, noise
+from curation.layout import PROGRESS_SECONDS, Phase, write_progress
+from trainer import data, models, noise, stall
 from trainer.config import TrainConfig
 from trainer.meta import ModelMeta, ModelShape
 from trainer.tracking import Tracker, TrackingConfig, tracking_config
@@ -59,6 +59,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
 
 
 def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
+    """Train to ``config.steps`` from the last checkpoint (if any), evaluate the EMA model, save it (rank 0)."""
     config = TrainConfig.model_validate(cfg["config"])
     meta = ModelMeta.model_validate(cfg["meta"])
     ctx = ray.train.get_context()
@@ -67,128 +68,178 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
     if device.type == "cpu":
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(config.seed + rank)
+    state = _State(config, meta, device)
+    resumed_from = state.resume(ray.train.get_checkpoint(), device)
+    model = ray.train.torch.prepare_model(state.model, move_to_device=False)
+    reports = _Reports(cfg, rank, world, config.steps, resumed_from)
+    skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
+    step, loss_sum = resumed_from, 0.0
+    model.train()
+    for parts in _batches(config, cfg["has_pseudo"], device):
+        if step >= config.steps:
+            break
+        pixels, target = _usable(parts, skipped)
+        loss = state.step(model, models.normalize(pixels, meta), target, step + 1)
+        step += 1
+        loss_sum += loss
+        reports.step(step, len(pixels), loss)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            metrics = reports.metrics(step, loss_sum / config.checkpoint_every)
+            loss_sum = 0.0
+            _checkpoint(state, step, metrics, rank)
+            reports.checkpointed(metrics)
+            if rank == 0:
+                tracker.log({k: metrics[k] for k in ("loss", "images_per_second")}, step)
+    if step < config.steps:
+        raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
 
-    model = models.create(meta, drop_rate=config.noise.dropout, drop_path_rate=config.noise.drop_path)
-    model = model.to(device, memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
-    optimizer = create_optimizer_v2(model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=config.steps,
-        warmup_t=config.warmup_steps,
-        warmup_lr_init=config.lr / 100,
-        lr_min=config.lr / 100,
-        t_in_epochs=False,
-    )
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    reports.phase(Phase.EVALUATING, step)
+    metrics = _evaluate(state.ema.module, meta, device, world, reports.beat)
+    metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
+    metrics.update(reports.throughput())
+    metrics["resumed_from_step"] = float(resumed_from)
+    if rank == 0:
+        models.save(state.ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
+        tracker.finish(metrics, step)
+    ray.train.report({"step": step, **metrics})
+
+
+class _State:
+    """What a checkpoint holds: the model, its EMA, the optimizer; and the schedule that steps them."""
+
+    def __init__(self, config: TrainConfig, meta: ModelMeta, device: torch.device) -> None:
+        self.model = models.create(meta, drop_rate=config.noise.dropout, drop_path_rate=config.noise.drop_path)
+        self.model = self.model.to(device, memory_format=torch.channels_last)
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
+        self.optimizer = create_optimizer_v2(self.model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=config.steps,
+            warmup_t=config.warmup_steps,
+            warmup_lr_init=config.lr / 100,
+            lr_min=config.lr / 100,
+            t_in_epochs=False,
+        )
+        self.loss_fn = SoftTargetCrossEntropy()
+        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def resume(self, checkpoint: ray.train.Checkpoint | None, device: torch.device) -> int:
+        """Load ``checkpoint`` (when Ray Train restores one); the step it was taken at, else 0."""
+        if not checkpoint:
+            return 0
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        log.info("resumed at step %d", step)
-    resumed_from = step
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    loss_fn = SoftTargetCrossEntropy()
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            saved = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.ema.module.load_state_dict(saved["ema"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        log.info("resumed at step %d", saved["step"])
+        return int(saved["step"])
 
-    def batches(name: str, batch_size: int):
-        shard = ray.train.get_dataset_shard(name)
-        return shard.iter_torch_batches(
+    def step(self, model: torch.nn.Module, pixels: torch.Tensor, target: torch.Tensor, step: int) -> float:
+        """One optimizer step of ``model`` (this state's model, wrapped for data parallelism); its loss."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.loss_fn(model(pixels), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step_update(step)
+        self.ema.update(self.model, step=step)
+        return loss.item()
+
+    def saved(self, step: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": step,
+        }
+
+
+def _batches(config: TrainConfig, has_pseudo: bool, device: torch.device):
+    """Each step's batches: (labeled,) or (labeled, pseudo-labeled), from this worker's dataset shards."""
+
+    def stream(name: str, batch_size: int):
+        return ray.train.get_dataset_shard(name).iter_torch_batches(
             batch_size=batch_size,
             drop_last=True,
             local_shuffle_buffer_size=config.shuffle_buffer or None,
             device=device,
         )
 
-    labeled = batches("labeled", config.batch_size)
-    pseudo = batches("pseudo", config.unlabeled_batch_size) if cfg["has_pseudo"] else None
-    started, seen, loss_sum = time.time(), 0, 0.0
-    steady_from, steady_seen, last_step_at = None, 0, started
-    # Progress for the bars: written at the first step and then every few seconds (a small file write).
-    shown = {"at": started, "seen": 0, "loss": 0.0, "steps": 0}
-    progress_seconds = float(cfg.get("progress_seconds") or 2.0)
-    skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
-    model.train()
-    for parts in zip(labeled, pseudo) if pseudo is not None else ((b,) for b in labeled):
-        if step >= config.steps:
-            break
-        pixels, target = _usable(parts, skipped)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(model(models.normalize(pixels, meta)), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        scheduler.step_update(step)
-        ema.update(model, step=step)
-        seen += len(pixels)
-        loss_value = loss.item()
-        loss_sum += loss_value
-        last_step_at = time.time()
-        shown["loss"], shown["steps"] = shown["loss"] + loss_value, shown["steps"] + 1
-        if rank == 0 and (step == resumed_from + 1 or last_step_at - shown["at"] >= progress_seconds):
-            # The first step's time holds the wait for the data streams: no rate from it.
-            rate = (seen - shown["seen"]) * world / max(last_step_at - shown["at"], 1e-9) if shown["seen"] else None
-            _write_progress(
-                cfg,
-                Phase.TRAINING,
-                step=step,
-                steps=config.steps,
-                loss=shown["loss"] / shown["steps"],
-                images_per_second=rate,
-            )
-            shown.update(at=last_step_at, seen=seen, loss=0.0, steps=0)
-        if step == resumed_from + STEADY_AFTER_STEPS:
-            steady_from, steady_seen = last_step_at, seen
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            metrics = {
-                "step": step,
-                "loss": loss_sum / config.checkpoint_every,
-                "images_per_second": seen * world / (time.time() - started),
-            }
-            loss_sum = 0.0
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save(
-                        {
-                            "model": _unwrap(model).state_dict(),
-                            "ema": ema.module.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "step": step,
-                        },
-                        os.path.join(d, CHECKPOINT_FILE),
-                    )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-            if rank == 0:
-                _write_progress(
-                    cfg,
-                    Phase.TRAINING,
-                    step=step,
-                    steps=config.steps,
-                    loss=metrics["loss"],
-                    images_per_second=metrics["images_per_second"],
-                )
-                tracker.log({"loss": metrics["loss"], "images_per_second": metrics["images_per_second"]}, step)
-    if step < config.steps:
-        raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
+    labeled = stream("labeled", config.batch_size)
+    if has_pseudo:
+        return zip(labeled, stream("pseudo", config.unlabeled_batch_size))
+    return ((b,) for b in labeled)
 
-    if rank == 0:
-        _write_progress(cfg, Phase.EVALUATING, step=step, steps=config.steps)
-    metrics = _evaluate(ema.module, meta, device, world)
-    metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
-    metrics["train_images_per_second"] = seen * world / max(time.time() - started, 1e-9)
-    if steady_from is not None and last_step_at > steady_from:
-        metrics["train_steady_images_per_second"] = (seen - steady_seen) * world / (last_step_at - steady_from)
-    metrics["train_loop_seconds"] = last_step_at - started
-    metrics["resumed_from_step"] = float(resumed_from)
-    if rank == 0:
-        models.save(ema.module, meta.model_copy(update={"metrics": metrics}), cfg["model_uri"])
-        tracker.finish(metrics, step)
-    ray.train.report({"step": step, **metrics})
+
+def _checkpoint(state: _State, step: int, metrics: dict[str, float], rank: int) -> None:
+    """Report ``metrics`` to Ray Train with a checkpoint of the state (saved by rank 0)."""
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save(state.saved(step), os.path.join(d, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+class _Reports:
+    """What a worker tells as it trains: the progress file for the control plane (rank 0: at the first step,
+    at each checkpoint and every ``progress_seconds`` between), the heartbeat for the driver's stall watchdog
+    (rank 0), and the throughput metrics (images per second overall and in the steady state)."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world: int, steps: int, resumed_from: int) -> None:
+        self.cfg, self.rank, self.world, self.steps, self.resumed_from = cfg, rank, world, steps, resumed_from
+        self.every = float(cfg.get("progress_seconds") or PROGRESS_SECONDS)
+        self.beat = stall.Beater(cfg.get("heartbeat") if rank == 0 else None)
+        self.started = self.last_step_at = time.time()
+        self.seen = 0
+        self.steady_from: float | None = None
+        self.steady_seen = 0
+        # Since the last progress write: when, images seen then, loss summed and steps since.
+        self.shown_at, self.shown_seen, self.shown_loss, self.shown_steps = self.started, 0, 0.0, 0
+
+    def step(self, step: int, images: int, loss: float) -> None:
+        self.seen += images
+        self.last_step_at = now = time.time()
+        self.shown_loss, self.shown_steps = self.shown_loss + loss, self.shown_steps + 1
+        self.beat(f"training step {step} of {self.steps}")
+        if self.rank == 0 and (step == self.resumed_from + 1 or now - self.shown_at >= self.every):
+            # The first step's time holds the wait for the data streams: no rate from it.
+            elapsed = max(now - self.shown_at, 1e-9)
+            rate = (self.seen - self.shown_seen) * self.world / elapsed if self.shown_seen else None
+            self._write(Phase.TRAINING, step=step, loss=self.shown_loss / self.shown_steps, images_per_second=rate)
+            self.shown_at, self.shown_seen, self.shown_loss, self.shown_steps = now, self.seen, 0.0, 0
+        if step == self.resumed_from + STEADY_AFTER_STEPS:
+            self.steady_from, self.steady_seen = now, self.seen
+
+    def metrics(self, step: int, loss: float) -> dict[str, float]:
+        """The metrics reported with a checkpoint."""
+        return {"step": step, "loss": loss, "images_per_second": self.seen * self.world / (time.time() - self.started)}
+
+    def checkpointed(self, metrics: dict[str, float]) -> None:
+        self._write(
+            Phase.TRAINING,
+            step=int(metrics["step"]),
+            loss=metrics["loss"],
+            images_per_second=metrics["images_per_second"],
+        )
+
+    def phase(self, phase: Phase, step: int) -> None:
+        self.beat(f"{phase.value} at step {step}")
+        self._write(phase, step=step)
+
+    def throughput(self) -> dict[str, float]:
+        out = {
+            "train_images_per_second": self.seen * self.world / max(time.time() - self.started, 1e-9),
+            "train_loop_seconds": self.last_step_at - self.started,
+        }
+        if self.steady_from is not None and self.last_step_at > self.steady_from:
+            out["train_steady_images_per_second"] = (
+                (self.seen - self.steady_seen) * self.world / (self.last_step_at - self.steady_from)
+            )
+        return out
+
+    def _write(self, phase: Phase, **progress: int | float | None) -> None:
+        if self.rank == 0:
+            _write_progress(self.cfg, phase, steps=self.steps, **progress)
 
 
 def _write_progress(cfg: dict[str, Any], phase: Phase, **progress: int | float) -> None:
@@ -201,17 +252,16 @@ def _write_progress(cfg: dict[str, Any], phase: Phase, **progress: int | float) 
             log.warning("could not write progress: %s", e)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 @torch.inference_mode()
-def _evaluate(model: torch.nn.Module, meta: ModelMeta, device: torch.device, world: int) -> dict[str, float]:
+def _evaluate(
+    model: torch.nn.Module, meta: ModelMeta, device: torch.device, world: int, beat: stall.Beater
+) -> dict[str, float]:
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     shard = ray.train.get_dataset_shard("eval")
     for batch in shard.iter_torch_batches(batch_size=256, device=device):
+        beat("evaluating")
         ok = _count_skips(batch[noise.SKIP], skipped)
         if not bool(ok.any()):
             continue  # no collective call in this loop: ranks may skip different batches
@@ -273,14 +323,15 @@ def train(
     pseudo_rows: int = 0,
     code_version: str = "",
     progress_uri: str | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> TrainResult:
     """Fit a model on ``labeled`` (+ the curated manifest at ``pseudo_manifest_uri`` whose rows with copies
     number ``pseudo_rows``), evaluate it on ``eval_set`` and save it to ``model_uri``.
 
     Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint. Progress
-    (phase, step of steps) is written to ``progress_uri`` as the run goes.
+    (phase, step of steps) is written to ``progress_uri`` every ``progress_seconds`` as the run goes. A run that
+    makes no progress for ``config.stall_timeout_s`` fails with ``stall.StallError``.
     """
-    num_classes = len(class_names)
     meta = ModelMeta(
         **config.model_dump(include=set(ModelShape.model_fields)),
         class_names=class_names,
@@ -288,7 +339,50 @@ def train(
         code_version=code_version,
     )
     meta.parameters = models.count_parameters(models.create(meta))
+    datasets = _datasets(config, labeled, eval_set, len(class_names), pseudo_manifest_uri, pseudo_rows)
+    started = time.time()
+    # The stage starts now, Ray Train's start-up included, not at its first step.
+    _write_progress({"progress_uri": progress_uri}, Phase.TRAINING, step=0, steps=config.steps)
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    per_worker = {"GPU": 1.0} if use_gpu else {"CPU": config.cpus_per_worker}
+    watchdog = stall.TrainingWatchdog(config.stall_timeout_s, config.workers, per_worker)
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "meta": meta.model_dump(mode="json"),
+        "model_uri": model_uri,
+        "has_pseudo": pseudo_manifest_uri is not None,
+        "progress_uri": progress_uri,
+        "progress_seconds": progress_seconds,
+        "heartbeat": watchdog.handle,
+        # MLflow, when MLFLOW_TRACKING_URI is set where the run starts (a job gets it from the control plane).
+        "tracking": tracking_config(
+            run_name,
+            params={
+                **config.model_dump(mode="json"),
+                "num_classes": len(class_names),
+                "labeled_images": labeled.num_rows,
+                "pseudo_rows": pseudo_rows,
+            },
+            tags={"model_uri": model_uri, "code_version": code_version, "checkpoints": storage_path},
+        ).model_dump(),
+    }
+    watchdog.run(_trainer(config, use_gpu, loop_config, datasets, storage_path, run_name).fit)
+    # The model folder is the record of what was trained: read the metrics back from it.
+    saved = models.load_meta(model_uri)
+    return TrainResult(
+        model_uri=model_uri, metrics=saved.metrics, parameters=meta.parameters, seconds=time.time() - started
+    )
+
+
+def _datasets(
+    config: TrainConfig,
+    labeled: pa.Table,
+    eval_set: pa.Table,
+    num_classes: int,
+    pseudo_manifest_uri: str | None,
+    pseudo_rows: int,
+) -> dict[str, ray.data.Dataset]:
+    """The run's streams: labeled and pseudo-labeled rows for exactly ``config.steps`` steps, and the eval set."""
     per_step = config.steps * config.workers
     datasets = {
         "labeled": data.stream(
@@ -318,29 +412,22 @@ def train(
             seed=config.seed + 1,
             by_container=data.manifest_names_members(pseudo_manifest_uri),
         )
+    return datasets
+
+
+def _trainer(
+    config: TrainConfig,
+    use_gpu: bool,
+    loop_config: dict[str, Any],
+    datasets: dict[str, ray.data.Dataset],
+    storage_path: str,
+    run_name: str,
+) -> TorchTrainer:
     # On S3, the project's filesystem: checkpoints follow its retry policy (curation.storage).
     checkpoint_path, checkpoint_fs = storage.ray_storage(storage_path)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "meta": meta.model_dump(mode="json"),
-            "model_uri": model_uri,
-            "has_pseudo": pseudo_manifest_uri is not None,
-            "progress_uri": progress_uri,
-            "progress_seconds": progress_seconds(),
-            # MLflow, when MLFLOW_TRACKING_URI is set where the run starts (a job gets it from the control plane).
-            "tracking": tracking_config(
-                run_name,
-                params={
-                    **config.model_dump(mode="json"),
-                    "num_classes": num_classes,
-                    "labeled_images": labeled.num_rows,
-                    "pseudo_rows": pseudo_rows,
-                },
-                tags={"model_uri": model_uri, "code_version": code_version, "checkpoints": storage_path},
-            ).model_dump(),
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=use_gpu,
@@ -355,13 +442,4 @@ def train(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
         datasets=datasets,
-    )
-    started = time.time()
-    # The stage starts now, Ray Train's start-up included, not at its first step.
-    _write_progress({"progress_uri": progress_uri}, Phase.TRAINING, step=0, steps=config.steps)
-    trainer.fit()
-    # The model folder is the record of what was trained: read the metrics back from it.
-    saved = models.load_meta(model_uri)
-    return TrainResult(
-        model_uri=model_uri, metrics=saved.metrics, parameters=meta.parameters, seconds=time.time() - started
     )

@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field
 
 from curation import access, imaging, schema, sources, storage
 from curation.errors import UserError
-from curation.layout import progress_seconds
+from curation.layout import PROGRESS_SECONDS
 from workers import ledger, watchdog
 from workers.config import LabelConfig
 
@@ -211,6 +211,7 @@ class TeacherPredictor:
         torch_threads: int | None,
         progress_dir: str = "",
         decode: imaging.DecodeConfig | None = None,
+        progress_seconds: float = PROGRESS_SECONDS,
     ):
         import torch
 
@@ -229,7 +230,7 @@ class TeacherPredictor:
         # Rows this actor has labeled, in <out>/progress/<actor>.json every few seconds: the driver sums them
         # for the progress bars (written files alone move only once per rows_per_file rows).
         self.progress_uri = storage.join(progress_dir, f"{uuid.uuid4().hex}.json") if progress_dir else ""
-        self.rows, self.progress_at = 0, 0.0
+        self.rows, self.progress_at, self.progress_seconds = 0, 0.0, progress_seconds
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
@@ -294,7 +295,7 @@ class TeacherPredictor:
 
     def _count(self, rows: int) -> None:
         self.rows += rows
-        if self.progress_uri and time.monotonic() - self.progress_at >= progress_seconds():
+        if self.progress_uri and time.monotonic() - self.progress_at >= self.progress_seconds:
             self.progress_at = time.monotonic()
             try:
                 storage.write_json(self.progress_uri, {"rows": self.rows})
@@ -402,6 +403,7 @@ def label(
     restart: bool = False,
     source_format: sources.SourceFormat | str | None = None,
     roots: list[str] | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> LabelResult:
     """Label every image of ``source_uri`` (a folder, a Parquet manifest with ``uri`` and optional
     ``image_id`` columns, WebDataset tar shards or Parquet files of image bytes: ``source_format``, default
@@ -463,6 +465,7 @@ def label(
             fmt=fmt,
             out_uri=out_uri,
             roots=policy.roots,
+            progress_seconds=progress_seconds,
         ).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         counts.update(sink.counts)
     rejected = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("rejected:")}
@@ -492,6 +495,7 @@ def _labeling_dataset(
     fmt: sources.SourceFormat = sources.SourceFormat.MANIFEST,
     out_uri: str = "",
     roots: tuple[str, ...] | None = None,
+    progress_seconds: float = PROGRESS_SECONDS,
 ) -> ray.data.Dataset:
     # One read task per unit of the manifest, created lazily. The read tasks have their own CPU share, so they
     # are not fused with decoding; their output is cut into decode-batch blocks, one decode task each.
@@ -547,6 +551,7 @@ def _labeling_dataset(
             "top_k": config.top_k,
             "torch_threads": config.torch_threads,
             "progress_dir": storage.join(out_uri, PROGRESS_DIR) if out_uri else "",
+            "progress_seconds": progress_seconds,
             "decode": config.decode,
         },
         batch_size=config.batch_size,

@@ -22,16 +22,13 @@ from typing import Any
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
+from trainer import stall
+from trainer.stall import StallError
+
 log = logging.getLogger(__name__)
 
 # DataContext key holding (stall_timeout_s, job name) for the datasets that `watch` armed.
 CONFIG_KEY = "nstudent.stall_watchdog"
-# Cluster resources left out of a diagnosis: one per node, or bookkeeping.
-_HIDDEN_RESOURCES = ("node:", "memory", "object_store_memory", "accelerator_type:", "bundle_group")
-
-
-class StallError(RuntimeError):
-    """A job made no progress for its stall timeout; the message says what waits on what."""
 
 
 def watch(ds: ray.data.Dataset, stall_timeout_s: float | None, *, job: str = "job") -> ray.data.Dataset:
@@ -88,10 +85,6 @@ def _progress_state(executor) -> list[tuple[int, int, int]]:
     ]
 
 
-def _fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
-
-
 def _needs(op) -> dict[str, float]:
     """The resources that one task or actor of a Ray Data operator asks for."""
     args: dict[str, Any] = dict(getattr(op, "_ray_remote_args", None) or {})
@@ -102,36 +95,17 @@ def _needs(op) -> dict[str, float]:
     return {k: v for k, v in needs.items() if v}
 
 
-def _has(needs: dict[str, float], available: dict[str, float], total: dict[str, float]) -> str:
-    return (
-        "{" + ", ".join(f"{k}: {available.get(k, 0):g} available of {total.get(k, 0):g}" for k in sorted(needs)) + "}"
-    )
-
-
 def diagnose(executor=None) -> str:
     """What the job waits on: its operators (from ``executor``, a running StreamingExecutor), the resource
     demands the cluster has not placed, and the cluster's resources. Each part that cannot be read is left
     out, so this never raises."""
-    lines: list[str] = []
-    try:
-        total, available = ray.cluster_resources(), ray.available_resources()
-    except Exception as e:  # noqa: BLE001 - a diagnosis must not fail on its way out
-        total, available = {}, {}
-        lines.append(f"cluster resources unreadable: {type(e).__name__}: {e}")
+    total, available, lines = stall.resources()
     if executor is not None:
         try:
             lines += _operator_lines(executor, available, total)
         except Exception as e:  # noqa: BLE001 - Ray Data internals: report, never fail the report
             lines.append(f"operators unreadable: {type(e).__name__}: {e}")
-    lines += _demand_lines()
-    lines += _pending_actor_lines()
-    shown = {k: v for k, v in total.items() if not k.startswith(_HIDDEN_RESOURCES)}
-    lines.append(
-        "cluster: "
-        + (_has(shown, available, total) if shown else "no resources")
-        + f", {len(_alive_nodes())} node(s) alive"
-    )
-    return "\n".join(lines)
+    return "\n".join(lines + stall.cluster_lines(total, available))
 
 
 def _operator_lines(executor, available: dict[str, float], total: dict[str, float]) -> list[str]:
@@ -147,54 +121,11 @@ def _operator_lines(executor, available: dict[str, float], total: dict[str, floa
             pending = sum(p.num_pending_actors() for p in pools)
             what = f"actor {op.name}: {running} running, {pending} pending"
             if pending or not running:
-                what += f"; each needs {_fmt(needs)}, cluster has {_has(needs, available, total)}"
+                what += f"; each needs {stall.fmt(needs)}, cluster has {stall.has(needs, available, total)}"
         else:
             active = op.num_active_tasks()
             what = f"tasks of {op.name}: {active} running"
             if not active:
-                what += f"; each needs {_fmt(needs)}, cluster has {_has(needs, available, total)}"
+                what += f"; each needs {stall.fmt(needs)}, cluster has {stall.has(needs, available, total)}"
         lines.append(f"{what}; {queued} input block(s) queued")
     return lines
-
-
-def _demand_lines() -> list[str]:
-    """Resource requests of tasks and actors that the cluster has not placed (the autoscaler's view, read
-    from the GCS: no dashboard needed)."""
-    try:
-        from ray.autoscaler.v2.sdk import get_cluster_status
-
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
-        summary = status.resource_demands
-        demands = [
-            ("tasks/actors", r.bundle, r.count) for d in summary.ray_task_actor_demand for r in d.bundles_by_count
-        ]
-        # Ray Train reserves its workers' resources as a placement group: a group pending is a worker group
-        # waiting for room.
-        demands += [
-            ("placement group", r.bundle, r.count) for d in summary.placement_group_demand for r in d.bundles_by_count
-        ]
-    except Exception as e:  # noqa: BLE001 - optional detail
-        return [f"pending resource demands unreadable: {type(e).__name__}"]
-    return [f"waiting for resources ({kind}): {_fmt(bundle)} x {count}" for kind, bundle, count in demands]
-
-
-def _pending_actor_lines() -> list[str]:
-    try:
-        from ray._private.state import state
-
-        actors = state.actor_table(None).values()
-    except Exception:  # noqa: BLE001 - optional detail
-        return []
-    waiting = sorted(
-        f"{a.get('ActorClassName', '?')} ({a['State'].lower()})"
-        for a in actors
-        if a.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING")
-    )
-    return [f"actors not started: {', '.join(waiting)}"] if waiting else []
-
-
-def _alive_nodes() -> list[dict]:
-    try:
-        return [n for n in ray.nodes() if n.get("Alive")]
-    except Exception:  # noqa: BLE001 - optional detail
-        return []

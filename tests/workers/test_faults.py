@@ -150,3 +150,15 @@ def test_a_job_that_cannot_progress_fails_naming_what_it_waits_for(ray_cluster, 
     )
     assert "available of 2}" in message
     assert "waiting for resources (tasks/actors): {CPU: 64} x 1" in message
+
+
+def test_a_training_run_that_cannot_start_fails_naming_what_it_waits_for(tmp_path):
+    """A worker asking for more CPUs than the cluster has would wait for ever in Ray Train: with a stall timeout
+    of 10 s the job's driver fails with an error naming the worker group's demand and what the cluster has."""
+    result = run_scenario("train-stall", str(tmp_path))
+    message = result["stall"]
+    assert "training made no progress for" in message and "last seen: no step yet" in message
+    assert "worker group: 1 worker(s), each needs {CPU: 64}, cluster has {CPU: 2 available of 2}" in message
+    assert "waiting for resources (placement group): {CPU: 64} x 1" in message
+    assert 10 <= result["seconds"] < 60
+    assert not os.path.exists(os.path.join(str(tmp_path), "train", "model"))
