@@ -9,17 +9,38 @@ container is read once per pass over the data.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from types import ModuleType
 
 import numpy as np
-from timm.data.auto_augment import rand_augment_transform
 
 from curation import access, imaging, shards, storage
 from trainer.config import NoiseConfig
 
 log = logging.getLogger(__name__)
+
+
+def _auto_augment() -> ModuleType:
+    """timm's ``timm.data.auto_augment``, loaded on its own. The module needs only PIL and numpy, but importing
+    it through the timm package imports torch and every model first: 3 s of CPU and hundreds of MB in each
+    data task's process, which decodes and noises images and never touches torch. Loaded by its file, it
+    costs milliseconds; ``tests/trainer/test_noise.py`` checks that it stays torch-free."""
+    name = "timm.data.auto_augment"
+    if name in sys.modules:
+        return sys.modules[name]
+    found = importlib.util.find_spec("timm")
+    if found is None or not found.submodule_search_locations:
+        raise ImportError("timm is not installed")
+    path = f"{list(found.submodule_search_locations)[0]}/data/auto_augment.py"
+    spec = importlib.util.spec_from_file_location("nstudent_timm_auto_augment", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randaugment(noise: NoiseConfig, mean: tuple[float, float, float]):
@@ -28,7 +49,7 @@ def randaugment(noise: NoiseConfig, mean: tuple[float, float, float]):
         return None
     spec = f"rand-m{noise.randaugment_magnitude}-n{noise.randaugment_ops}-mstd{noise.randaugment_magnitude_std}"
     fill = noise.fill if noise.fill is not None else tuple(int(round(255 * m)) for m in mean)
-    return rand_augment_transform(spec, {"img_mean": fill})
+    return _auto_augment().rand_augment_transform(spec, {"img_mean": fill})
 
 
 # Column of a prepared batch: -1 for an image decoded, else the index of its reason in imaging.REJECT_REASONS.

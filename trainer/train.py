@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 import ray
@@ -36,6 +38,8 @@ from trainer.tracking import Tracker, TrackingConfig, tracking_config
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
+EVAL_BATCH_SIZE = 256
+T = TypeVar("T")
 # Steps left out of the steady-state throughput: the first batches wait for the data streams to fill.
 STEADY_AFTER_STEPS = 5
 
@@ -72,6 +76,9 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
     resumed_from = state.resume(ray.train.get_checkpoint(), device)
     model = ray.train.torch.prepare_model(state.model, move_to_device=False)
     reports = _Reports(cfg, rank, world, config.steps, resumed_from)
+    eval_batches = _Prefetched(
+        lambda: ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=EVAL_BATCH_SIZE, device=device)
+    )
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     step, loss_sum = resumed_from, 0.0
     model.train()
@@ -94,7 +101,7 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
         raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
 
     reports.phase(Phase.EVALUATING, step)
-    metrics = _evaluate(state.ema.module, meta, device, world, reports.beat)
+    metrics = _evaluate(state.ema.module, meta, device, world, eval_batches, reports.beat)
     metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
     metrics.update(reports.throughput())
     metrics["resumed_from_step"] = float(resumed_from)
@@ -254,13 +261,17 @@ def _write_progress(cfg: dict[str, Any], phase: Phase, **progress: int | float) 
 
 @torch.inference_mode()
 def _evaluate(
-    model: torch.nn.Module, meta: ModelMeta, device: torch.device, world: int, beat: stall.Beater
+    model: torch.nn.Module,
+    meta: ModelMeta,
+    device: torch.device,
+    world: int,
+    batches: Iterable[dict[str, torch.Tensor]],
+    beat: stall.Beater,
 ) -> dict[str, float]:
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
-    shard = ray.train.get_dataset_shard("eval")
-    for batch in shard.iter_torch_batches(batch_size=256, device=device):
+    for batch in batches:
         beat("evaluating")
         ok = _count_skips(batch[noise.SKIP], skipped)
         if not bool(ok.any()):
@@ -275,6 +286,36 @@ def _evaluate(
         "test_images": float(counts[1]),
         **_skip_metrics(skipped, world, device, prefix="eval_skipped"),
     }
+
+
+class _Prefetched(Generic[T]):
+    """The batches of ``make()``, whose first one is fetched by a thread from the start: the start of its stream
+    (Ray Data's split coordinator, its tasks' processes: seconds on a small node) overlaps the work before it.
+    One batch is held at most."""
+
+    def __init__(self, make: Callable[[], Iterable[T]]) -> None:
+        self.make = make
+        self.first: dict[str, Any] = {}
+        self.rest: Iterator[T] = iter(())
+        self.thread = threading.Thread(target=self._fetch, name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self.rest = iter(self.make())
+            self.first["batch"] = next(self.rest)
+        except StopIteration:
+            pass
+        except BaseException as e:  # noqa: BLE001 - raised where the batches are consumed
+            self.first["error"] = e
+
+    def __iter__(self) -> Iterator[T]:
+        self.thread.join()
+        if "error" in self.first:
+            raise self.first["error"]
+        if "batch" in self.first:
+            yield self.first.pop("batch")
+            yield from self.rest
 
 
 def _count_skips(skip: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -366,6 +407,10 @@ def train(
             tags={"model_uri": model_uri, "code_version": code_version, "checkpoints": storage_path},
         ).model_dump(),
     }
+    # Ray Train's controller polls its workers every 2 s unless told otherwise, and a run waits for a poll at its
+    # start and at its end: polled every half second, a run ends 3 s sooner. The controller reads this from the
+    # driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     watchdog.run(_trainer(config, use_gpu, loop_config, datasets, storage_path, run_name).fit)
     # The model folder is the record of what was trained: read the metrics back from it.
     saved = models.load_meta(model_uri)

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -38,3 +41,20 @@ def test_unlabeled_batch_size_follows_ratio():
     assert TrainConfig(batch_size=16, unlabeled_ratio=3).unlabeled_batch_size == 48
     with pytest.raises(ValueError):
         NoiseConfig(dropout=1.0)
+
+
+def test_the_data_tasks_noise_images_without_importing_torch():
+    """A data task's process imports trainer.data and noises with timm's RandAugment, yet never imports torch or
+    the timm package (3 s of CPU per process); the transform is timm's own, the same ops as through timm."""
+    code = (
+        "import sys, numpy as np; from PIL import Image; import trainer.data; from trainer import noise;"
+        "from trainer.config import NoiseConfig;"
+        "aug = noise.randaugment(NoiseConfig(randaugment_ops=2, randaugment_magnitude=9), (0.5, 0.5, 0.5));"
+        "img = Image.fromarray(np.zeros((8, 8, 3), np.uint8)); aug(img);"
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules), [op.name for op in aug.ops][:3])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    from timm.data.auto_augment import rand_augment_transform
+
+    timm_ops = [op.name for op in rand_augment_transform("rand-m9-n2-mstd0.5", {}).ops][:3]
+    assert out[0] == f"[] {timm_ops}"
