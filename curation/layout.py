@@ -28,6 +28,22 @@ from pydantic import BaseModel, Field
 
 from curation import storage
 
+# The files of a labels folder (``Layout.labels``, or any folder a labeling job writes into).
+PREDICTIONS = "predictions"  # Parquet files of the images labeled
+REJECTS = "rejects"  # Parquet files of the images skipped, each with its reason
+LEDGER = "ledger"  # one entry per committed file: what a resumed job skips
+STAGING = "_staging"  # files written, not yet committed
+RUN_RECORD = "labeling-run.json"  # the source, model and settings of the run the outputs belong to
+RESULT = "labeling.json"  # the counts of a finished job
+SOURCE_MANIFEST = "source.parquet"  # a folder source, listed once
+SOURCE_SHARDS = "source-shards.parquet"  # the tar shards of a WebDataset folder, listed once
+SHARD_SIZES = "shard-sizes"  # images per tar shard, written by the read task that streamed it
+LABELING_PROGRESS = "progress"  # each teacher actor's count of images labeled
+
+# The files of a dataset folder (``Layout.dataset``, or any folder a curation job writes into).
+MANIFEST = "manifest"  # Parquet files of the curated rows
+STATS = "stats.json"  # ``DatasetStats``
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -58,7 +74,7 @@ class Layout:
     @property
     def source_manifest(self) -> str:
         """A folder source, listed once by the labeling job."""
-        return self._at("labels", "source.parquet")
+        return self._at("labels", SOURCE_MANIFEST)
 
     @property
     def dataset(self) -> str:
@@ -66,7 +82,7 @@ class Layout:
 
     @property
     def stats(self) -> str:
-        return self._at("dataset", "stats.json")
+        return self._at("dataset", STATS)
 
     @property
     def model(self) -> str:

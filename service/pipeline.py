@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from curation import access, shards, sources, storage
 from curation.errors import UserError
-from curation.layout import PROGRESS_SECONDS, Layout, Phase, write_progress
+from curation.layout import LABELING_PROGRESS, PROGRESS_SECONDS, Layout, Phase, write_progress
 from curation.sources import SourceFormat
 from curation.stats import DatasetStats
 from service.specs import GenerationSpec
@@ -26,7 +26,7 @@ from trainer.config import TrainConfig
 from trainer.train import TrainResult, train
 from workers import ledger
 from workers.curate import curate
-from workers.labeling import PROGRESS_DIR, LabelResult, label
+from workers.labeling import LabelResult, label
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class LabelingProgress:
         self.thread = threading.Thread(target=self._run, name="labeling-progress", daemon=True)
 
     def __enter__(self) -> LabelingProgress:
-        self.actors = storage.join(self.layout.labels, PROGRESS_DIR)
+        self.actors = storage.join(self.layout.labels, LABELING_PROGRESS)
         try:
             storage.delete_dir_contents(self.actors)  # counts of an earlier run are not this one's
             self.before = self._written()

@@ -282,7 +282,7 @@ def _evaluate(
     if world > 1:
         dist.all_reduce(counts)
     return {
-        "test_accuracy": float(counts[0] / max(counts[1], 1)),
+        "test_accuracy": float(counts[0]) / max(float(counts[1]), 1.0),
         "test_images": float(counts[1]),
         **_skip_metrics(skipped, world, device, prefix="eval_skipped"),
     }

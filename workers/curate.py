@@ -22,6 +22,7 @@ import ray
 
 from curation import balance, storage
 from curation.balance import CurationConfig
+from curation.layout import MANIFEST, STATS
 from curation.stats import ClassStats, DatasetStats, config_hash
 
 # On-disk bytes of Parquet read by one task (whole files): a few hundred tasks for hundreds of millions of rows.
@@ -147,31 +148,11 @@ def curate(
     config = config or CurationConfig()
     num_classes = len(class_names)
     units = _read_units(predictions_uri)  # none when every image was rejected: an empty manifest
-
-    hist = np.zeros((num_classes, balance.NUM_BINS), dtype=np.int64)
-    if units:
-        hist = _sum_blocks(
-            _over_units(units, _unit_histogram, num_classes=num_classes), {"hist": (num_classes, balance.NUM_BINS)}
-        )["hist"]
+    hist = _histogram(units, num_classes)
     plan = balance.plan(hist, config)
-
-    manifest_uri = storage.join(out_uri, "manifest")
-    mfs, mpath = storage.resolve(manifest_uri)
-    mfs.delete_dir_contents(mpath, missing_dir_ok=True)  # a re-run replaces, never appends
-    if units:
-        _over_units(units, _unit_manifest, plan=plan, seed=config.seed).write_parquet(mpath, filesystem=mfs)
-
-    written_units = _read_units(manifest_uri)
-    if written_units:
-        sums = _sum_blocks(
-            _over_units(written_units, _unit_written, num_classes=num_classes),
-            {"kept": (num_classes,), "copies": (num_classes,), "digest": ()},
-        )
-        kept, copies, digest = sums["kept"], sums["copies"], int(sums["digest"])
-    else:  # nothing passed the floor: an empty manifest, reported as such
-        kept, copies, digest = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64), 0
-
-    floor_bin = int(balance.confidence_bins(np.array([config.confidence_floor], dtype=np.float32))[0])
+    manifest_uri = storage.join(out_uri, MANIFEST)
+    _write_manifest(units, manifest_uri, plan, config.seed)
+    kept, copies, digest = _count_written(manifest_uri, num_classes)
     rejected = rejected or {}
     decoded = int(hist.sum())
     stats = DatasetStats(
@@ -180,20 +161,7 @@ def curate(
         images_decoded=decoded,
         rejected=rejected,
         images_per_class=plan.images_per_class,
-        classes=[
-            ClassStats(
-                class_index=c,
-                class_name=class_names[c],
-                predicted=int(hist[c].sum()),
-                above_floor=int(hist[c, floor_bin:].sum()),
-                threshold=float(plan.thresholds[c]),
-                eligible=int(plan.eligible[c]),
-                kept=int(kept[c]),
-                copies=int(copies[c]),
-                confidence_histogram=hist[c].tolist(),
-            )
-            for c in range(num_classes)
-        ],
+        classes=_class_stats(class_names, hist, plan, kept, copies, config.confidence_floor),
         confidence_histogram=hist.sum(axis=0).tolist(),
         config=config,
         config_hash=config_hash(config, predictions=predictions_uri),
@@ -204,5 +172,59 @@ def curate(
         predictions_uri=predictions_uri,
         teacher=teacher,
     )
-    storage.write_json(storage.join(out_uri, "stats.json"), stats.model_dump(mode="json"))
+    storage.write_json(storage.join(out_uri, STATS), stats.model_dump(mode="json"))
     return stats
+
+
+def _histogram(units: list[list[str]], num_classes: int) -> np.ndarray:
+    """Pass 1: the confidence histogram of each predicted class, summed over the prediction files."""
+    if not units:
+        return np.zeros((num_classes, balance.NUM_BINS), dtype=np.int64)
+    blocks = _over_units(units, _unit_histogram, num_classes=num_classes)
+    return _sum_blocks(blocks, {"hist": (num_classes, balance.NUM_BINS)})["hist"]
+
+
+def _write_manifest(units: list[list[str]], manifest_uri: str, plan: balance.Plan, seed: int) -> None:
+    """Pass 2: each prediction file's rows that pass the plan, with their copies, into the manifest (which a
+    re-run replaces, never appends to)."""
+    mfs, mpath = storage.resolve(manifest_uri)
+    mfs.delete_dir_contents(mpath, missing_dir_ok=True)
+    if units:
+        _over_units(units, _unit_manifest, plan=plan, seed=seed).write_parquet(mpath, filesystem=mfs)
+
+
+def _count_written(manifest_uri: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pass 3, over what was written: rows and copies per class, and the manifest's order-free digest."""
+    written_units = _read_units(manifest_uri)
+    if not written_units:  # nothing passed the floor: an empty manifest, reported as such
+        return np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64), 0
+    sums = _sum_blocks(
+        _over_units(written_units, _unit_written, num_classes=num_classes),
+        {"kept": (num_classes,), "copies": (num_classes,), "digest": ()},
+    )
+    return sums["kept"], sums["copies"], int(sums["digest"])
+
+
+def _class_stats(
+    class_names: list[str],
+    hist: np.ndarray,
+    plan: balance.Plan,
+    kept: np.ndarray,
+    copies: np.ndarray,
+    confidence_floor: float,
+) -> list[ClassStats]:
+    floor_bin = int(balance.confidence_bins(np.array([confidence_floor], dtype=np.float32))[0])
+    return [
+        ClassStats(
+            class_index=c,
+            class_name=name,
+            predicted=int(hist[c].sum()),
+            above_floor=int(hist[c, floor_bin:].sum()),
+            threshold=float(plan.thresholds[c]),
+            eligible=int(plan.eligible[c]),
+            kept=int(kept[c]),
+            copies=int(copies[c]),
+            confidence_histogram=hist[c].tolist(),
+        )
+        for c, name in enumerate(class_names)
+    ]

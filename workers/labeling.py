@@ -33,7 +33,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field
 
 from curation import access, imaging, schema, sources, storage
 from curation.errors import UserError
-from curation.layout import PROGRESS_SECONDS
+from curation.layout import LABELING_PROGRESS, PROGRESS_SECONDS
 from workers import ledger, watchdog
 from workers.config import LabelConfig
 
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 # are CPUs for it.
 READ_UNIT_ROWS = 65_536
 # <out>/progress/: one small JSON per teacher actor, its rows labeled so far (the driver's progress bars).
-PROGRESS_DIR = "progress"
 # CPUs reserved by a read task: it reads URIs only.
 READ_CPUS = 0.25
 # CPUs reserved by a decode task and by a write task. With a CPU actor's 0.5 every stage fits a one-CPU node:
@@ -429,24 +428,8 @@ def label(
             raise UserError(f"the {name} {uri} may not be read: {e.detail}") from None
     meta = models.load_meta(model_uri)
     fmt = sources.resolve_format(source_uri, source_format)
-    run = {
-        "source": source_uri,
-        "format": fmt.value,
-        "source_version": ledger.source_version(source_uri, fmt),
-        "model": model_uri,
-        "model_version": ledger.model_version(model_uri),
-        "teacher_id": teacher_id,
-        "top_k": config.top_k,
-        "shard_rows": config.shard_rows,
-        "decode": config.decode.model_dump(mode="json"),  # other limits give other rejects: not the same run
-    }
-    ledger.open_run(out_uri, run, restart=restart)
-    if fmt is sources.SourceFormat.WEBDATASET:
-        plan: ledger.Plan = ledger.TarPlan.listed(source_uri, out_uri)
-    elif fmt is sources.SourceFormat.PARQUET_BYTES:
-        plan = ledger.ShardPlan.per_row_group(source_uri)
-    else:
-        plan = ledger.ShardPlan.from_manifest(_source_manifest(source_uri, out_uri, fmt), config.shard_rows)
+    ledger.open_run(out_uri, _run_record(source_uri, fmt, model_uri, teacher_id, config), restart=restart)
+    plan = _plan(source_uri, fmt, out_uri, config)
     state = ledger.load(out_uri, plan)
     todo = (state.sizes < 0) | (state.done < state.sizes)  # a tar shard of unknown size is not finished
     partial = np.nonzero(todo & (state.done > 0))[0]
@@ -468,19 +451,51 @@ def label(
             progress_seconds=progress_seconds,
         ).write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
         counts.update(sink.counts)
+    result = _result(out_uri, counts, state.rows)
+    if plan.num_rows is not None and result.images != plan.num_rows:  # a manifest listing one URI twice
+        log.warning("%s: %d rows labeled of a source of %d", out_uri, result.images, plan.num_rows)
+    storage.write_json(storage.join(out_uri, ledger.RESULT), result.model_dump())
+    return result
+
+
+def _run_record(
+    source_uri: str, fmt: sources.SourceFormat, model_uri: str, teacher_id: str, config: LabelConfig
+) -> dict[str, Any]:
+    """What the outputs in a labels folder belong to: a run with any other record starts them again."""
+    return {
+        "source": source_uri,
+        "format": fmt.value,
+        "source_version": ledger.source_version(source_uri, fmt),
+        "model": model_uri,
+        "model_version": ledger.model_version(model_uri),
+        "teacher_id": teacher_id,
+        "top_k": config.top_k,
+        "shard_rows": config.shard_rows,
+        "decode": config.decode.model_dump(mode="json"),  # other limits give other rejects: not the same run
+    }
+
+
+def _plan(source_uri: str, fmt: sources.SourceFormat, out_uri: str, config: LabelConfig) -> ledger.Plan:
+    """The source's shards, the units of the resume ledger: tar shards, Parquet row groups, or row ranges of
+    a manifest (a folder listed into one first)."""
+    if fmt is sources.SourceFormat.WEBDATASET:
+        return ledger.TarPlan.listed(source_uri, out_uri)
+    if fmt is sources.SourceFormat.PARQUET_BYTES:
+        return ledger.ShardPlan.per_row_group(source_uri)
+    return ledger.ShardPlan.from_manifest(_source_manifest(source_uri, out_uri, fmt), config.shard_rows)
+
+
+def _result(out_uri: str, counts: Counter[str], resumed: int) -> LabelResult:
+    """The totals over every run into ``out_uri``, from the ledger's counts and this run's."""
     rejected = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("rejected:")}
-    result = LabelResult(
+    return LabelResult(
         predictions_uri=storage.join(out_uri, ledger.PREDICTIONS),
         rejects_uri=storage.join(out_uri, ledger.REJECTS),
         images=counts.get("predicted", 0) + sum(rejected.values()),
         predicted=counts.get("predicted", 0),
         rejected=rejected,
-        resumed=state.rows,
+        resumed=resumed,
     )
-    if plan.num_rows is not None and result.images != plan.num_rows:  # a manifest listing one URI twice
-        log.warning("%s: %d rows labeled of a source of %d", out_uri, result.images, plan.num_rows)
-    storage.write_json(storage.join(out_uri, ledger.RESULT), result.model_dump())
-    return result
 
 
 def _labeling_dataset(
@@ -501,12 +516,15 @@ def _labeling_dataset(
     # are not fused with decoding; their output is cut into decode-batch blocks, one decode task each.
     # WebDataset and parquet-bytes units (a tar shard, a row group) are read with their image bytes.
     units = plan.units(READ_UNIT_ROWS, todo)
-    reader, kwargs = read_units, {"plan": plan, "units": units, "todo": todo, "skip_ids": skip_ids}
+    reader: Callable[..., Any] = read_units
+    kwargs: dict[str, Any] = {"plan": plan, "units": units, "todo": todo, "skip_ids": skip_ids}
     if fmt in (sources.SourceFormat.WEBDATASET, sources.SourceFormat.PARQUET_BYTES):
         reader, kwargs = read_container_units, {**kwargs, "out_uri": out_uri, "chunk_rows": config.decode_batch_size}
     # The unit numbers are blocks made here (from_items), not a range read: a read task would reserve a whole
     # CPU, which a one-CPU node running the teacher actor never has.
-    ds = ray.data.from_items([{"id": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"id": i} for i in range(len(units))], override_num_blocks=max(1, len(units))
+    )
     ds = ds.map_batches(
         reader,
         batch_format="numpy",
@@ -550,7 +568,7 @@ def _labeling_dataset(
             "teacher_id": teacher_id,
             "top_k": config.top_k,
             "torch_threads": config.torch_threads,
-            "progress_dir": storage.join(out_uri, PROGRESS_DIR) if out_uri else "",
+            "progress_dir": storage.join(out_uri, LABELING_PROGRESS) if out_uri else "",
             "progress_seconds": progress_seconds,
             "decode": config.decode,
         },

@@ -39,16 +39,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curation import sources, storage
-
-PREDICTIONS = "predictions"
-REJECTS = "rejects"
-LEDGER = "ledger"
-STAGING = "_staging"
-RUN_RECORD = "labeling-run.json"
-RESULT = "labeling.json"
-SOURCE_MANIFEST = "source.parquet"  # where a folder source is listed, once
-SOURCE_SHARDS = "source-shards.parquet"  # where the tar shards of a WebDataset folder are listed, once
-SHARD_SIZES = "shard-sizes"  # images per tar shard, written by the read task that streamed it
+from curation.layout import (
+    LEDGER,
+    PREDICTIONS,
+    REJECTS,
+    RESULT,
+    RUN_RECORD,
+    SHARD_SIZES,
+    SOURCE_MANIFEST,
+    SOURCE_SHARDS,
+    STAGING,
+)
 
 # Threads reading ledger entries and committed files' ids when a job resumes (small objects, I/O bound).
 READ_THREADS = 16
