@@ -3,7 +3,8 @@
 Two passes over the predictions, both plain functions over Arrow batches so that Ray calls them per block
 and tests call them directly:
 
-1. ``class_histogram``: per class, counts of top-1 confidence in 0.01 bins; summed over all blocks.
+1. ``class_histogram``: per class, counts of top-1 confidence in 0.01 bins (and one for 1.00); summed over
+   all blocks.
 2. ``plan`` turns the summed histogram into a per-class threshold and copy ratio: walking the bins down from
    1.0, a class's threshold is the first bin where the running count reaches K, never below the floor; the
    N images at or above it each get K/N copies. ``assign_copies`` rounds K/N stochastically per image:
@@ -21,7 +22,11 @@ from pydantic import Field
 
 from curation.config import MAX_SEED, Config
 
-NUM_BINS = 100  # 0.01-wide confidence bins
+# Confidence bins as the official filter's thresholds, 0.00 to 1.00: 0.01 wide, and a last bin for 1.00 alone,
+# so that a class with K images at a confidence of exactly 1 gets the threshold 1.00. (Statistics written
+# before this bin existed have 100 bins.)
+BINS_PER_UNIT = 100
+NUM_BINS = BINS_PER_UNIT + 1
 # Confidences are float32: a value within this much under a bin edge counts in the bin above, so 0.3
 # stored as 0.29999998 still passes a 0.3 floor.
 _EDGE_EPS = 1e-4
@@ -43,7 +48,7 @@ class CurationConfig(Config):
 
 
 def confidence_bins(confidence: np.ndarray) -> np.ndarray:
-    bins = np.floor(confidence.astype(np.float64) * NUM_BINS + _EDGE_EPS).astype(np.int64)
+    bins = np.floor(confidence.astype(np.float64) * BINS_PER_UNIT + _EDGE_EPS).astype(np.int64)
     return np.clip(bins, 0, NUM_BINS - 1)
 
 
@@ -67,7 +72,7 @@ class Plan:
 
     @property
     def thresholds(self) -> np.ndarray:
-        return self.threshold_bin / NUM_BINS
+        return self.threshold_bin / BINS_PER_UNIT
 
 
 def plan(hist: np.ndarray, config: CurationConfig) -> Plan:

@@ -20,7 +20,9 @@ class ClassStats(BaseModel):
     kept: int = Field(description="distinct images in the manifest")
     copies: int = Field(description="rows the student will see: kept images times their copies")
     confidence_histogram: list[int] = Field(
-        default_factory=list, description="this class's top-1 confidences, 100 bins of 0.01 (empty in older stats)"
+        default_factory=list,
+        description="this class's top-1 confidences: 101 bins, 0.01 wide from 0.00, the last "
+        "for 1.00 alone (100 bins in older stats, none in the oldest)",
     )
 
 
@@ -31,7 +33,9 @@ class DatasetStats(BaseModel):
     rejected: dict[str, int] = Field(description="images that could not be read or decoded, by reason")
     images_per_class: int = Field(description="K, the balancing target")
     classes: list[ClassStats]
-    confidence_histogram: list[int] = Field(description="top-1 confidence of all predictions, 100 bins of 0.01")
+    confidence_histogram: list[int] = Field(
+        description="top-1 confidence of all predictions, in the same bins as a class's"
+    )
     config: CurationConfig
     config_hash: str
     manifest_uri: str

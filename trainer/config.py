@@ -15,7 +15,13 @@ class NoiseConfig(Config):
     """The noise of Noisy Student: input noise (RandAugment) and model noise (dropout, stochastic depth)."""
 
     randaugment_ops: int = Field(2, ge=0, le=16, description="RandAugment ops per image (0 turns it off)")
-    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (timm scale, 10 = strong)")
+    randaugment_magnitude: int = Field(
+        9,
+        ge=0,
+        le=30,
+        description="RandAugment magnitude: each op at magnitude/10 of its range, as in the official RandAugment "
+        "(the paper: 27 for its largest students)",
+    )
     randaugment_magnitude_std: float = Field(0.5, ge=0, le=30, description="per-op jitter of the magnitude")
     fill: (
         tuple[

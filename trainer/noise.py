@@ -44,10 +44,13 @@ def _auto_augment() -> ModuleType:
 
 
 def randaugment(noise: NoiseConfig, mean: tuple[float, float, float]):
-    """timm's RandAugment, or None when it is off."""
+    """timm's RandAugment, or None when it is off. timm caps the magnitude at 10 unless told its maximum
+    (``mmax``): a magnitude over 10 (the paper's 27, say) is honoured, each op's strength scaled as in the
+    official TensorFlow RandAugment (magnitude / 10 of the op's range)."""
     if noise.randaugment_ops == 0:
         return None
-    spec = f"rand-m{noise.randaugment_magnitude}-n{noise.randaugment_ops}-mstd{noise.randaugment_magnitude_std}"
+    m = noise.randaugment_magnitude
+    spec = f"rand-m{m}-n{noise.randaugment_ops}-mstd{noise.randaugment_magnitude_std}-mmax{max(10, m)}"
     fill = noise.fill if noise.fill is not None else tuple(int(round(255 * m)) for m in mean)
     return _auto_augment().rand_augment_transform(spec, {"img_mean": fill})
 

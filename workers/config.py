@@ -12,7 +12,13 @@ from curation.config import Config
 class LabelConfig(Config):
     """How the teacher labels the unlabeled pool."""
 
-    top_k: int = Field(5, ge=1, le=1000, description="soft-label classes kept per image")
+    top_k: int = Field(
+        5,
+        ge=0,
+        le=100_000,
+        description="soft-label classes kept per image (the student renormalises them); 0: all of them, the "
+        "teacher's full distribution (for few classes)",
+    )
     batch_size: int = Field(256, ge=1, le=65_536, description="images per teacher forward pass")
     actors: int | None = Field(
         None, ge=1, le=4096, description="teacher actors; default: one per GPU, or 1 on a CPU-only cluster"

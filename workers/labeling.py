@@ -223,7 +223,7 @@ class TeacherPredictor:
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.teacher_id = teacher_id
         self.decode = decode
-        self.top_k = min(top_k, self.meta.num_classes)
+        self.top_k = min(top_k, self.meta.num_classes) if top_k > 0 else self.meta.num_classes
         # bf16 autocast on GPUs: same argmax, half the memory traffic; probabilities are computed in float32.
         self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         # Rows this actor has labeled, in <out>/progress/<actor>.json every few seconds: the driver sums them

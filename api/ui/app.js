@@ -191,11 +191,12 @@ function accuracyChart(el, generations) {
 }
 
 function histogramChart(el, counts, marks, width, height) {
-  // counts: 100 bins of 0.01; marks: [{x, colour, dash}] drawn as vertical lines (threshold, floor).
-  const xs = counts.map((_, i) => i / counts.length);
+  // counts: bins of 0.01 from 0.00 (the 101st holds 1.00 alone); marks: [{x, colour, dash}] drawn as vertical
+  // lines (threshold, floor).
+  const xs = counts.map((_, i) => i / 100);
   new uPlot({
     width, height, legend: {show: false}, cursor: {show: false},
-    scales: {x: {time: false, range: [0, 1]}, y: {range: (u, min, max) => [0, Math.max(1, max)]}},
+    scales: {x: {time: false, range: [0, 1.01]}, y: {range: (u, min, max) => [0, Math.max(1, max)]}},
     axes: [{size: 28, incrs: [0.1, 0.2, 0.5], values: (u, vals) => vals.map((v) => v.toFixed(1))},
            {size: 44, values: (u, vals) => vals.map((v) => (v >= 1000 ? (v / 1000).toFixed(1) + "k" : String(v)))}],
     series: [{}, {fill: "#4c78a8cc", stroke: "#4c78a8", width: 0, points: {show: false},

@@ -1,5 +1,6 @@
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from curation import balance
@@ -47,11 +48,21 @@ SPEC = {
 
 
 def test_histogram_bins_and_float32_edges():
-    conf = np.array([0.0, 0.005, 0.3, 0.29, 0.999, 1.0], dtype=np.float32)
-    assert balance.confidence_bins(conf).tolist() == [0, 0, 30, 29, 99, 99]
+    conf = np.array([0.0, 0.005, 0.3, 0.29, 0.999, 0.99989, 1.0], dtype=np.float32)
+    # 1.00 has a bin of its own, as the official filter's 101st threshold
+    assert balance.confidence_bins(conf).tolist() == [0, 0, 30, 29, 99, 99, 100]
     hist = balance.class_histogram(np.array([0, 0, 1]), np.array([0.3, 0.31, 0.3], np.float32), 2)
-    assert hist.shape == (2, 100)
+    assert hist.shape == (2, 101)
     assert hist[0, 30] == 1 and hist[0, 31] == 1 and hist[1, 30] == 1 and hist.sum() == 3
+
+
+def test_a_class_with_k_images_at_exactly_one_gets_the_threshold_one():
+    """As in the official filter: with K images at confidence 1.0, the 0.999 ones of that class are left out."""
+    table = predictions({0: [(1.0, 30), (0.999, 50)], 1: [(0.9, 40)]})
+    plan, manifest = curate_table(table, CurationConfig(images_per_class=30, seed=0), 2)
+    assert plan.thresholds[0] == pytest.approx(1.0) and plan.eligible[0] == 30
+    kept = manifest.filter(pc.equal(manifest.column("label"), 0))
+    assert kept.num_rows == 30 and pc.min(kept.column("confidence")).as_py() == pytest.approx(1.0)
 
 
 def test_histogram_rejects_unknown_class():

@@ -58,3 +58,14 @@ def test_the_data_tasks_noise_images_without_importing_torch():
 
     timm_ops = [op.name for op in rand_augment_transform("rand-m9-n2-mstd0.5", {}).ops][:3]
     assert out[0] == f"[] {timm_ops}"
+
+
+def test_randaugment_honours_magnitudes_over_ten():
+    """timm clips the magnitude at 10 unless told its maximum: magnitude 27 must stay 27, each op at 2.7 times
+    its range (a rotation of up to 81 degrees), not silently 10."""
+    strong = noise.randaugment(NoiseConfig(randaugment_magnitude=27, randaugment_magnitude_std=0), (0.5,) * 3)
+    assert {(op.magnitude, op.magnitude_max) for op in strong.ops} == {(27, 27)}
+    rotate = next(op for op in strong.ops if op.name == "Rotate")
+    assert abs(rotate.level_fn(27, rotate.hparams)[0]) == pytest.approx(81.0)
+    default = noise.randaugment(NoiseConfig(), (0.5,) * 3)
+    assert {(op.magnitude, op.magnitude_max) for op in default.ops} == {(9, 10)}

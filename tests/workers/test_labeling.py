@@ -7,7 +7,8 @@ import pytest
 
 from curation import schema, sources
 from tests.helpers import BAD_FILES, untrained_model, write_edge_files, write_pool
-from workers.labeling import LabelConfig, label, read_and_decode
+from trainer import models
+from workers.labeling import LabelConfig, TeacherPredictor, label, read_and_decode
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,17 @@ def test_edge_files_are_kept_or_rejected_with_their_reason(ray_cluster, tmp_path
     }
     assert result.rejected == {"bad_geometry": 2, "corrupt": 6, "empty": 2, "not_an_image": 2, "too_large": 1}
     assert result.predicted == len(kept) == 11
+
+
+def test_top_k_zero_keeps_the_teacher_s_full_distribution(tmp_path, teacher):
+    """``top_k: 0`` writes every class's probability, summing to 1; a smaller k writes that many, best first."""
+    good, _ = write_pool(str(tmp_path), good=3)
+    batch = read_and_decode({"image_id": np.arange(3), "uri": np.array(good, dtype=object)}, size=32, crop_pct=1.0)
+    num_classes = models.load_meta(teacher).num_classes
+    full = TeacherPredictor(teacher, "t", top_k=0, torch_threads=1)(batch)
+    probs = np.array(full.column("topk_probs").to_pylist(), dtype=np.float64)
+    assert probs.shape == (3, num_classes) and np.allclose(probs.sum(axis=1), 1.0, atol=5e-3)
+    classes = full.column("topk_classes").to_pylist()
+    assert all(sorted(c) == list(range(num_classes)) for c in classes)
+    top2 = TeacherPredictor(teacher, "t", top_k=2, torch_threads=1)(batch)
+    assert top2.column("topk_classes").to_pylist() == [c[:2] for c in classes]
