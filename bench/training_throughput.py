@@ -164,14 +164,14 @@ def phase_plain(args) -> dict:
                     np.stack(table.column("topk_classes").to_numpy(zero_copy_only=False)),
                     np.stack(table.column("topk_probs").to_numpy(zero_copy_only=False)),
                 )
-            self.augment = noise_lib.randaugment(config.noise, config.mean)
+            self.noise = noise_lib.ImageNoise(config.noise, config.mean)
 
         def __len__(self):
             return len(self.uris)
 
         def __getitem__(self, i):
-            img = imaging.resize_square(imaging.decode_rgb(storage.read_bytes(self.uris[i])), config.input_size)
-            pixels = torch.from_numpy(imaging.to_array(self.augment(img)).copy())
+            img = self.noise.resize(imaging.decode_rgb(storage.read_bytes(self.uris[i])), config.input_size, 1.0)
+            pixels = torch.from_numpy(imaging.to_array(self.noise(img)).copy())
             if self.topk is not None:
                 target = noise_lib.soft_targets(
                     self.topk[0][i : i + 1], self.topk[1][i : i + 1], CLASSES, config.temperature

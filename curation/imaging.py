@@ -184,12 +184,14 @@ def decode_for_model(
     crop_pct: float = 1.0,
     config: DecodeConfig | None = None,
     transform: Callable[[Image.Image], Image.Image] | None = None,
+    resize: Callable[[Image.Image, int, float], Image.Image] | None = None,
 ) -> np.ndarray:
-    """The bytes of one image as ``size x size x 3`` uint8: decoded, resized (shorter side to size/crop_pct),
-    centre-cropped and, with ``transform``, transformed (e.g. RandAugment). Raises RejectedImage and nothing
-    else: a MemoryError is ``too_large``, any other error ``corrupt`` with the exception in the detail."""
+    """The bytes of one image as ``size x size x 3`` uint8: decoded, resized (shorter side to size/crop_pct) and
+    centre-cropped, or made square by ``resize`` (a random crop, say), and, with ``transform``, transformed
+    (e.g. RandAugment). Raises RejectedImage and nothing else: a MemoryError is ``too_large``, any other error
+    ``corrupt`` with the exception in the detail."""
     try:
-        img = resize_square(decode_rgb(data, config), size, crop_pct)
+        img = (resize or resize_square)(decode_rgb(data, config), size, crop_pct)
         if transform is not None:
             img = transform(img)
         return to_array(img)

@@ -33,6 +33,21 @@ class NoiseConfig(Config):
     ) = Field(
         None, description="RGB fill of pixels that geometric ops move in from outside the image; default: the mean"
     )
+    crop_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="random-resized crop: the smallest share of an image's area a crop keeps, at an aspect ratio "
+        "of 3/4 to 4/3 (the paper: 0.08, Inception-style); 1: no random crop, the centre crop",
+    )
+    flip: bool = Field(False, description="random horizontal flip (the paper: on; off for digits or text)")
+    erase_prob: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="random erasing (Cutout): the probability of replacing one rectangle of 2% to 33% of the "
+        "image with random pixels (the paper's code: none; timm's recipes: 0.25)",
+    )
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout before the classifier")
     drop_path: float = Field(0.2, ge=0, lt=1, description="stochastic depth drop rate at the last block, linear decay")
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import random
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
+from PIL import Image
 
 from curation import access, imaging, shards, storage
 from trainer.config import NoiseConfig
@@ -53,6 +56,59 @@ def randaugment(noise: NoiseConfig, mean: tuple[float, float, float]):
     spec = f"rand-m{m}-n{noise.randaugment_ops}-mstd{noise.randaugment_magnitude_std}-mmax{max(10, m)}"
     fill = noise.fill if noise.fill is not None else tuple(int(round(255 * m)) for m in mean)
     return _auto_augment().rand_augment_transform(spec, {"img_mean": fill})
+
+
+class ImageNoise:
+    """The input noise of one image, in the paper's order: a random-resized crop (else the centre crop), a
+    horizontal flip, RandAugment, random erasing. Random draws come from Python's ``random``, as timm's."""
+
+    def __init__(self, noise: NoiseConfig, mean: tuple[float, float, float]) -> None:
+        self.noise = noise
+        self.augment = randaugment(noise, mean)
+
+    def resize(self, img: Image.Image, size: int, crop_pct: float) -> Image.Image:
+        if self.noise.crop_scale >= 1:
+            return imaging.resize_square(img, size, crop_pct)
+        return random_resized_crop(img, size, self.noise.crop_scale)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.noise.flip and random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.augment is not None:
+            img = self.augment(img)
+        if random.random() < self.noise.erase_prob:
+            img = random_erase(img)
+        return img
+
+
+def random_resized_crop(img: Image.Image, size: int, min_scale: float) -> Image.Image:
+    """A crop of ``min_scale`` to all of the image's area at an aspect ratio of 3/4 to 4/3, resized to
+    ``size`` square (Inception's crop); the centre crop when ten draws do not fit."""
+    area = img.width * img.height
+    for _ in range(10):
+        target = area * random.uniform(min_scale, 1.0)
+        ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= img.width and 0 < h <= img.height:
+            left, top = random.randint(0, img.width - w), random.randint(0, img.height - h)
+            return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    return imaging.resize_square(img, size)
+
+
+def random_erase(img: Image.Image) -> Image.Image:
+    """One rectangle of 2% to 33% of the area, at an aspect ratio of 0.3 to 3.3, replaced by random pixels."""
+    area = img.width * img.height
+    for _ in range(10):
+        target = area * random.uniform(0.02, 1 / 3)
+        ratio = math.exp(random.uniform(math.log(0.3), math.log(1 / 0.3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w < img.width and 0 < h < img.height:
+            left, top = random.randint(0, img.width - w), random.randint(0, img.height - h)
+            noise = np.random.default_rng(random.getrandbits(64)).integers(0, 256, (h, w, 3), dtype=np.uint8)
+            img = img.copy()
+            img.paste(Image.fromarray(noise), (left, top))
+            return img
+    return img
 
 
 # Column of a prepared batch: -1 for an image decoded, else the index of its reason in imaging.REJECT_REASONS.
@@ -103,7 +159,12 @@ def _fetch(uris: np.ndarray, max_file_bytes: int) -> Iterator[tuple[list[int], b
 
 
 def _decode(
-    uri: str, data: bytes | BaseException, size: int, crop_pct: float, decode: imaging.DecodeConfig | None, augment
+    uri: str,
+    data: bytes | BaseException,
+    size: int,
+    crop_pct: float,
+    decode: imaging.DecodeConfig | None,
+    augment: ImageNoise | None,
 ) -> tuple[np.ndarray | None, int]:
     """(pixels, KEPT) or (None, the index of the reason it is skipped)."""
     if isinstance(data, BaseException):
@@ -117,7 +178,8 @@ def _decode(
         log.warning("skipping %s: %s: %s", uri, type(data).__name__, data)
         return None, _REASON_INDEX[reason]
     try:
-        return imaging.decode_for_model(data, size, crop_pct, decode, transform=augment), KEPT
+        resize = augment.resize if augment is not None else None
+        return imaging.decode_for_model(data, size, crop_pct, decode, transform=augment, resize=resize), KEPT
     except imaging.RejectedImage as e:  # the only exception it raises
         log.warning("skipping %s: %s", uri, e)
         return None, _REASON_INDEX[e.reason]
@@ -134,7 +196,7 @@ def load_pixels(
 ) -> dict[str, np.ndarray]:
     """Read, decode, resize and (with ``noise``) augment every row, in the batch's order; a row whose image
     cannot be used has zero pixels and its reason in ``SKIP``."""
-    augment = randaugment(noise, mean) if noise is not None else None
+    augment = ImageNoise(noise, mean) if noise is not None else None
     uris = batch["uri"]
     pixels = np.zeros((len(uris), size, size, 3), np.uint8)
     skip = np.full(len(uris), KEPT, np.int8)
@@ -160,7 +222,7 @@ def iter_pixels(
 ) -> Iterator[dict[str, np.ndarray]]:
     """``load_pixels`` in pieces of ``chunk_rows`` rows, in the order the images are read (a container's own
     order): memory holds one piece of pixels and one image's bytes, never a whole container."""
-    augment = randaugment(noise, mean) if noise is not None else None
+    augment = ImageNoise(noise, mean) if noise is not None else None
     uris = batch["uri"]
     order: list[int] = []
     pixels = np.zeros((chunk_rows, size, size, 3), np.uint8)

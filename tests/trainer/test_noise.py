@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curation import imaging
 from trainer import noise
 from trainer.config import NoiseConfig, TrainConfig
 
@@ -69,3 +70,30 @@ def test_randaugment_honours_magnitudes_over_ten():
     assert abs(rotate.level_fn(27, rotate.hparams)[0]) == pytest.approx(81.0)
     default = noise.randaugment(NoiseConfig(), (0.5,) * 3)
     assert {(op.magnitude, op.magnitude_max) for op in default.ops} == {(9, 10)}
+
+
+def test_crop_flip_and_erasing_as_the_paper_can_be_turned_on_and_off():
+    """Random-resized crops differ from the centre crop and from each other; a flip mirrors; erasing replaces
+    one rectangle; with the defaults (off) the image is the centre crop, unchanged but for RandAugment."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    centre = np.asarray(imaging.resize_square(img, 32))
+    off = noise.ImageNoise(NoiseConfig(randaugment_ops=0), (0.5,) * 3)
+    assert np.array_equal(np.asarray(off(off.resize(img, 32, 1.0))), centre)
+
+    crops = noise.ImageNoise(NoiseConfig(randaugment_ops=0, crop_scale=0.08), (0.5,) * 3)
+    outs = [np.asarray(crops.resize(img, 32, 1.0)) for _ in range(10)]
+    assert all(o.shape == (32, 32, 3) for o in outs)
+    assert len({o.tobytes() for o in outs} | {centre.tobytes()}) == 11
+
+    flips = noise.ImageNoise(NoiseConfig(randaugment_ops=0, flip=True), (0.5,) * 3)
+    square = Image.fromarray(centre)
+    outs = [np.asarray(flips(square)) for _ in range(40)]
+    mirrored = [np.array_equal(o, centre[:, ::-1]) for o in outs]
+    assert 0 < sum(mirrored) < 40 and all(m or np.array_equal(o, centre) for m, o in zip(mirrored, outs))
+
+    erase = noise.ImageNoise(NoiseConfig(randaugment_ops=0, erase_prob=1.0), (0.5,) * 3)
+    changed = (np.asarray(erase(square)) != centre).any(axis=2)
+    rows, cols = np.nonzero(changed)
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0.02 * 32 * 32 * 0.5 <= changed.sum() <= box <= 32 * 32 / 3 + 64
