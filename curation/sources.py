@@ -167,19 +167,21 @@ def list_folder(root: str) -> list[str]:
 
 
 def unlabeled_manifest(root: str) -> pa.Table:
-    """(image_id, uri) for every file under a folder, in a stable order, in memory: for small folders only
-    (``index`` streams any number of files into a manifest)."""
-    uris = list_folder(root)
-    return pa.table({"image_id": pa.array(image_ids(uris)), "uri": pa.array(uris, pa.string())})
+    """(image_id, uri) for every file under a folder, in the order of their ids, in memory: for small folders
+    only (``index`` streams any number of files into a manifest)."""
+    return _unlabeled_table(list_folder(root))
 
 
 def index(source_uri: str, out_uri: str, *, row_group_rows: int = INDEX_ROW_GROUP_ROWS) -> int:
     """List every file under a folder or S3 prefix once into a Parquet manifest of (image_id, uri).
 
     Returns the number of rows. Memory stays at one row group of URIs however many files there are: the listing
-    is streamed page by page and written a row group at a time. The manifest is written under a temporary
-    name and then moved into place, so a manifest that exists is complete. Hidden files are skipped; files that
-    are not images are listed too, so that labeling counts them as rejects.
+    is streamed page by page and written a row group at a time. Within a row group, rows are in the order of
+    their ``image_id`` (a hash of the URI): a stable, pseudo-random order that spreads the classes a folder
+    listing keeps together, so that labeling, and the manifest it leads to, do not walk one class at a time.
+    The manifest is written under a temporary name and then moved into place, so a manifest that exists is
+    complete. Hidden files are skipped; files that are not images are listed too, so that labeling counts them
+    as rejects.
     """
     fs, path = storage.resolve(out_uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -200,8 +202,11 @@ def index(source_uri: str, out_uri: str, *, row_group_rows: int = INDEX_ROW_GROU
 
 
 def _unlabeled_table(uris: list[str]) -> pa.Table:
+    ids = image_ids(uris)
+    order = np.argsort(ids, kind="stable")
     return pa.table(
-        {"image_id": pa.array(image_ids(uris)), "uri": pa.array(uris, pa.string())}, schema=UNLABELED_SCHEMA
+        {"image_id": pa.array(ids[order]), "uri": pa.array(uris, pa.string()).take(pa.array(order))},
+        schema=UNLABELED_SCHEMA,
     )
 
 

@@ -35,13 +35,17 @@ MAX_GROUP_PARTITIONS = 200
 _GROUP = "__container_group"
 
 
-def _expand(batch: pa.Table, *, times: int) -> pa.Table:
-    """Each row ``copies`` times (1 without the column), then the whole block ``times`` over, pass after
-    pass, so that a stream longer than the data walks it like epochs."""
+def _expand(batch: pa.Table, *, times: int, seed: int) -> pa.Table:
+    """Each row ``copies`` times (1 without the column), ``times`` passes over the block as epochs; within each
+    pass the rows are in a random order of their own (seeded by ``seed`` and the block's first URI), so that an
+    image's copies are spread over the pass instead of side by side."""
     n = batch.num_rows
+    if n == 0:
+        return batch
     copies = batch.column("copies").to_numpy() if "copies" in batch.column_names else np.ones(n, np.int64)
-    idx = np.tile(np.repeat(np.arange(n), copies), times)
-    return batch.take(pa.array(idx))
+    rows = np.repeat(np.arange(n), copies)
+    rng = np.random.default_rng([seed, sources.image_id(str(batch.column("uri")[0])) & (2**63 - 1)])
+    return batch.take(pa.array(np.concatenate([rng.permutation(rows) for _ in range(times)])))
 
 
 def _targets(batch: pa.Table, *, config: TrainConfig, num_classes: int) -> dict[str, np.ndarray]:
@@ -84,7 +88,13 @@ def stream(
         return _by_container(ds, seed=seed, times=times, config=config, num_classes=num_classes, noised=True)
     return (
         ds.randomize_block_order(seed=seed)
-        .map_batches(_expand, batch_format="pyarrow", batch_size=None, fn_kwargs={"times": times}, num_cpus=DATA_CPUS)
+        .map_batches(
+            _expand,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"times": times, "seed": seed},
+            num_cpus=DATA_CPUS,
+        )
         .map_batches(
             _prepare,
             batch_format="pyarrow",
@@ -172,7 +182,7 @@ def _prepare_group(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The rows of one container in one pass (copies included), read with one pass over it, in pieces of
     PREPARE_BATCH_SIZE rows."""
-    rows = _targets(_expand(group.drop_columns([_GROUP]), times=1), config=config, num_classes=num_classes)
+    rows = _targets(_expand(group.drop_columns([_GROUP]), times=1, seed=0), config=config, num_classes=num_classes)
     yield from noise_lib.iter_pixels(
         rows,
         size=config.input_size,
