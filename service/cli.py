@@ -58,7 +58,17 @@ def demo(
             follow=lambda uri, name: FollowProgressFile(bars, uri, name),
         )
     table = Table(title=f"Noisy Student on MNIST digits, 100 labels (seed {seed})")
-    for col in ("gen", "role", "architecture", "params", "pseudo-labels kept", "pseudo-label acc", "test acc", "time"):
+    for col in (
+        "gen",
+        "role",
+        "architecture",
+        "params",
+        "pseudo-labels kept",
+        "pseudo-label acc",
+        "val acc",
+        "test acc",
+        "time",
+    ):
         table.add_column(col, justify="right" if col not in ("role", "architecture") else "left")
     for r in rows:
         table.add_row(
@@ -68,6 +78,7 @@ def demo(
             f"{r.parameters:,}",
             "-" if r.pseudo_labels_kept is None else f"{r.pseudo_labels_kept:,}",
             "-" if r.pseudo_label_accuracy is None else f"{r.pseudo_label_accuracy:.2%}",
+            f"{r.validation_accuracy:.2%}",
             f"{r.test_accuracy:.2%}",
             f"{r.seconds:.0f}s",
         )

@@ -81,7 +81,9 @@ class ControlPlane:
                 return existing
         roots = self.roots(principal)
         normalized = {
-            name: self.source(name, getattr(config, name), roots) for name in ("labeled", "unlabeled", "eval")
+            name: self.source(name, getattr(config, name), roots)
+            for name in ("labeled", "unlabeled", "eval", "validation")
+            if getattr(config, name) is not None
         }
         teacher, parent_id = self._check(config, normalized, roots, principal)
         body = {**body, **normalized, "roots": roots, "progress_seconds": self.settings.progress_seconds}
@@ -149,7 +151,10 @@ class ControlPlane:
                     class_names = load_meta(teacher).class_names
                 except ValueError as e:
                     raise InvalidRequest("teacher", str(e)) from None
-        for name, uri, fmt in (("labeled", labeled, config.labeled_format), ("eval", eval_, config.eval_format)):
+        checked = [("labeled", labeled, config.labeled_format), ("eval", eval_, config.eval_format)]
+        if "validation" in normalized:
+            checked.append(("validation", normalized["validation"], config.validation_format))
+        for name, uri, fmt in checked:
             if uri.endswith(".parquet") and (storage.parquet_rows(uri) or 0) > QUICK_CHECK_ROWS:
                 continue  # the first job reads it and names the bad rows
             try:

@@ -2,7 +2,8 @@
 
 <root>/labeled/<digit>/<n>.png     per_class labeled images of each digit
 <root>/unlabeled/<n>.png           the pool the teacher labels (no labels in the path)
-<root>/test/<digit>/<n>.png        held-out split, read only by evaluation
+<root>/validation/<digit>/<n>.png  held-out split to choose settings on, taken out of the pool
+<root>/test/<digit>/<n>.png        held-out split, read only by the final evaluation
 <root>/unlabeled_truth.parquet     true labels of the pool, for reporting pseudo-label accuracy only
 """
 
@@ -27,10 +28,19 @@ def load() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
-def write(root: str, *, labeled_per_class: int = 10, test_per_class: int = 100, seed: int = 0) -> dict[str, str]:
-    """Write the splits under ``root`` (once; a complete folder is reused) and return their paths."""
+def write(
+    root: str,
+    *,
+    labeled_per_class: int = 10,
+    test_per_class: int = 100,
+    validation_per_class: int = 10,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write the splits under ``root`` (once; a complete folder is reused) and return their paths. The
+    validation split is taken out of what would be the pool."""
     root = os.path.abspath(root)
-    paths = {name: os.path.join(root, name) for name in ("labeled", "unlabeled", "test")}
+    names = ("labeled", "unlabeled", "test") + (("validation",) if validation_per_class else ())
+    paths = {name: os.path.join(root, name) for name in names}
     paths["unlabeled_truth"] = os.path.join(root, "unlabeled_truth.parquet")
     if os.path.exists(paths["unlabeled_truth"]):
         return paths
@@ -41,6 +51,8 @@ def write(root: str, *, labeled_per_class: int = 10, test_per_class: int = 100, 
         idx = rng.permutation(np.nonzero(y == c)[0])
         split[idx[:test_per_class]] = "test"
         split[idx[test_per_class : test_per_class + labeled_per_class]] = "labeled"
+        first = test_per_class + labeled_per_class
+        split[idx[first : first + validation_per_class]] = "validation"
     pool_uris, pool_labels = [], []
     for i in range(len(y)):
         if split[i] == "unlabeled":

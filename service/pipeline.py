@@ -61,18 +61,19 @@ def train_teacher(
     progress_seconds: float = PROGRESS_SECONDS,
     labeled_format: SourceFormat | None = None,
     eval_format: SourceFormat | None = None,
+    validation: str | None = None,
+    validation_format: SourceFormat | None = None,
     roots: list[str] | None = None,
 ) -> TrainResult:
     """Generation 0: a supervised model on the labeled source alone, with the same noise as the students."""
     labeled_table, class_names = sources.labeled_source(labeled, fmt=labeled_format)
-    eval_table, _ = sources.labeled_source(eval, class_names, eval_format)
     check_rows("labeled", labeled_table, roots)
-    check_rows("eval", eval_table, roots)
     return train(
         config,
         labeled=labeled_table,
         class_names=class_names,
-        eval_set=eval_table,
+        eval_set=held_out("eval", eval, class_names, eval_format, roots),
+        validation_set=held_out("validation", validation, class_names, validation_format, roots),
         model_uri=Layout(output).model,
         storage_path=Layout(output).checkpoints,
         run_name=run_name,
@@ -90,11 +91,24 @@ def teacher_stage(spec: GenerationSpec) -> TrainResult:
         eval=spec.eval,
         labeled_format=spec.labeled_format,
         eval_format=spec.eval_format,
+        validation=spec.validation,
+        validation_format=spec.validation_format,
         output=Layout(spec.output).teacher,
         progress_uri=Layout(spec.output).progress,
         progress_seconds=spec.progress_seconds,
         roots=spec.roots,
     )
+
+
+def held_out(
+    name: str, uri: str | None, class_names: list[str], fmt: SourceFormat | None, roots: list[str] | None
+) -> pa.Table | None:
+    """A held-out labeled set (test or validation) in the model's classes, its rows checked against the roots."""
+    if uri is None:
+        return None
+    table, _ = sources.labeled_source(uri, class_names, fmt)
+    check_rows(name, table, roots)
+    return table
 
 
 def check_rows(name: str, table: pa.Table, roots: list[str] | None) -> None:
@@ -179,14 +193,13 @@ def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
     """Fit the noisy student on the labeled source plus the curated manifest."""
     class_names = models.load_meta(teacher_of(spec)).class_names
     labeled_table, _ = sources.labeled_source(spec.labeled, class_names, spec.labeled_format)
-    eval_table, _ = sources.labeled_source(spec.eval, class_names, spec.eval_format)
     check_rows("labeled", labeled_table, spec.roots)
-    check_rows("eval", eval_table, spec.roots)
     return train(
         spec.student,
         labeled=labeled_table,
         class_names=class_names,
-        eval_set=eval_table,
+        eval_set=held_out("eval", spec.eval, class_names, spec.eval_format, spec.roots),
+        validation_set=held_out("validation", spec.validation, class_names, spec.validation_format, spec.roots),
         model_uri=Layout(spec.output).model,
         storage_path=Layout(spec.output).checkpoints,
         run_name="student",

@@ -31,7 +31,14 @@ class GenerationConfig(Config):
         description="unlabeled source: a folder of images, a Parquet manifest with a uri column, "
         "WebDataset tar shards, or Parquet with an image (bytes) column"
     )
-    eval: Uri = Field(description="held-out evaluation source, same forms as labeled; read only by evaluation")
+    eval: Uri = Field(
+        description="held-out test source, same forms as labeled: read only by each model's final evaluation"
+    )
+    validation: Uri | None = Field(
+        None,
+        description="held-out validation source, same forms as labeled, evaluated beside the test source: the "
+        "split to choose settings on, so that test is read only to report them",
+    )
     labeled_format: SourceFormat | None = Field(
         None,
         description="format of the labeled source: files (an ImageFolder), manifest (uri,label), webdataset "
@@ -45,6 +52,9 @@ class GenerationConfig(Config):
     )
     eval_format: SourceFormat | None = Field(
         None, description="format of the eval source, as labeled_format; none: inferred"
+    )
+    validation_format: SourceFormat | None = Field(
+        None, description="format of the validation source, as labeled_format; none: inferred"
     )
     label: LabelConfig = Field(default_factory=LabelConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)

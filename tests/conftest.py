@@ -27,7 +27,7 @@ def digits_root(tmp_path_factory):
     from service import digits
 
     root = tmp_path_factory.mktemp("digits")
-    digits.write(str(root), labeled_per_class=5, test_per_class=10)
+    digits.write(str(root), labeled_per_class=5, test_per_class=10, validation_per_class=0)
     return root
 
 

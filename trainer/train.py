@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 EVAL_BATCH_SIZE = 256
+# The held-out datasets a run evaluates its model on: name -> (metric prefix, prefix of its skipped images).
+# Validation is the split to choose settings on; test is only reported.
+HELD_OUT = {"validation": ("validation", "validation_skipped"), "eval": ("test", "eval_skipped")}
 T = TypeVar("T")
 # Steps left out of the steady-state throughput: the first batches wait for the data streams to fill.
 STEADY_AFTER_STEPS = 5
@@ -76,9 +80,7 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
     resumed_from = state.resume(ray.train.get_checkpoint(), device)
     model = ray.train.torch.prepare_model(state.model, move_to_device=False)
     reports = _Reports(cfg, rank, world, config.steps, resumed_from)
-    eval_batches = _Prefetched(
-        lambda: ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=EVAL_BATCH_SIZE, device=device)
-    )
+    held_out = {name: _Prefetched(partial(_held_out_batches, name, device)) for name in cfg["held_out"]}
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     step, loss_sum = resumed_from, 0.0
     model.train()
@@ -101,7 +103,9 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
         raise RuntimeError(f"the data ran out at step {step} of {config.steps}")
 
     reports.phase(Phase.EVALUATING, step)
-    metrics = _evaluate(state.ema.module, meta, device, world, eval_batches, reports.beat)
+    metrics = {}
+    for name, batches in held_out.items():
+        metrics.update(_evaluate(state.ema.module, meta, device, world, batches, reports.beat, *HELD_OUT[name]))
     metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
     metrics.update(reports.throughput())
     metrics["resumed_from_step"] = float(resumed_from)
@@ -267,7 +271,10 @@ def _evaluate(
     world: int,
     batches: Iterable[dict[str, torch.Tensor]],
     beat: stall.Beater,
+    prefix: str,
+    skipped_prefix: str,
 ) -> dict[str, float]:
+    """``<prefix>_accuracy`` and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
@@ -282,10 +289,14 @@ def _evaluate(
     if world > 1:
         dist.all_reduce(counts)
     return {
-        "test_accuracy": float(counts[0]) / max(float(counts[1]), 1.0),
-        "test_images": float(counts[1]),
-        **_skip_metrics(skipped, world, device, prefix="eval_skipped"),
+        f"{prefix}_accuracy": float(counts[0]) / max(float(counts[1]), 1.0),
+        f"{prefix}_images": float(counts[1]),
+        **_skip_metrics(skipped, world, device, prefix=skipped_prefix),
     }
+
+
+def _held_out_batches(name: str, device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
+    return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=EVAL_BATCH_SIZE, device=device)
 
 
 class _Prefetched(Generic[T]):
@@ -357,6 +368,7 @@ def train(
     labeled: pa.Table,
     class_names: list[str],
     eval_set: pa.Table,
+    validation_set: pa.Table | None = None,
     model_uri: str,
     storage_path: str,
     run_name: str,
@@ -380,7 +392,14 @@ def train(
         code_version=code_version,
     )
     meta.parameters = models.count_parameters(models.create(meta))
-    datasets = _datasets(config, labeled, eval_set, len(class_names), pseudo_manifest_uri, pseudo_rows)
+    datasets = _datasets(
+        config,
+        labeled,
+        {"eval": eval_set, "validation": validation_set},
+        len(class_names),
+        pseudo_manifest_uri,
+        pseudo_rows,
+    )
     started = time.time()
     # The stage starts now, Ray Train's start-up included, not at its first step.
     _write_progress({"progress_uri": progress_uri}, Phase.TRAINING, step=0, steps=config.steps)
@@ -392,6 +411,7 @@ def train(
         "meta": meta.model_dump(mode="json"),
         "model_uri": model_uri,
         "has_pseudo": pseudo_manifest_uri is not None,
+        "held_out": [name for name in HELD_OUT if name in datasets],
         "progress_uri": progress_uri,
         "progress_seconds": progress_seconds,
         "heartbeat": watchdog.handle,
@@ -422,12 +442,13 @@ def train(
 def _datasets(
     config: TrainConfig,
     labeled: pa.Table,
-    eval_set: pa.Table,
+    held_out: dict[str, pa.Table | None],
     num_classes: int,
     pseudo_manifest_uri: str | None,
     pseudo_rows: int,
 ) -> dict[str, ray.data.Dataset]:
-    """The run's streams: labeled and pseudo-labeled rows for exactly ``config.steps`` steps, and the eval set."""
+    """The run's streams: labeled and pseudo-labeled rows for exactly ``config.steps`` steps, and the held-out
+    sets given (test, validation)."""
     per_step = config.steps * config.workers
     datasets = {
         "labeled": data.stream(
@@ -439,13 +460,15 @@ def _datasets(
             seed=config.seed,
             by_container=data.names_members(labeled.column("uri")),
         ),
-        "eval": data.evaluation(
-            ray.data.from_arrow(eval_set.select(["uri", "label"])),
-            config,
-            num_classes,
-            by_container=data.names_members(eval_set.column("uri")),
-        ),
     }
+    for name, table in held_out.items():
+        if table is not None:
+            datasets[name] = data.evaluation(
+                ray.data.from_arrow(table.select(["uri", "label"])),
+                config,
+                num_classes,
+                by_container=data.names_members(table.column("uri")),
+            )
     if pseudo_manifest_uri is not None:
         manifest = data.read_manifest(pseudo_manifest_uri, ["uri", "label", "topk_classes", "topk_probs", "copies"])
         datasets["pseudo"] = data.stream(

@@ -59,6 +59,8 @@ def test_idempotency_key_replays_and_refuses_a_different_body(client, digits_roo
         ({"unlabeled": "{root}/../../../etc/passwd"}, "unlabeled", "is not under an allowed source root"),
         ({"eval": "s3://someone-elses-bucket/x"}, "eval", "is not under an allowed source root"),
         ({"unlabeled": "{root}/missing"}, "unlabeled", "does not exist"),
+        ({"validation": "/etc"}, "validation", "/etc is not under an allowed source root"),
+        ({"validation": "{root}/unlabeled"}, "validation", "is not an ImageFolder"),
         ({"labeled": "{root}/unlabeled"}, "labeled", "is not an ImageFolder"),
         ({"labeled": "{root}/empty"}, "labeled", "is not an ImageFolder"),
         ({"teacher": "g-0123456789abcdef"}, "teacher", "no generation g-0123456789abcdef"),

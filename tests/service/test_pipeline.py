@@ -37,14 +37,17 @@ def data(tmp_path_factory):
 def test_demo_splits_are_disjoint_and_sized(data):
     labeled, names = sources.labeled_source(data["labeled"])
     test, _ = sources.labeled_source(data["test"], names)
+    validation, _ = sources.labeled_source(data["validation"], names)
     pool = sources.unlabeled_manifest(data["unlabeled"])
     assert names == [str(d) for d in range(10)]
-    assert labeled.num_rows == 50 and test.num_rows == 200 and pool.num_rows == 5000 - 250
+    assert labeled.num_rows == 50 and test.num_rows == 200 and validation.num_rows == 100
+    assert pool.num_rows == 5000 - 350
 
     def files(t):
         return {os.path.basename(u) for u in t.column("uri").to_pylist()}
 
-    assert not files(labeled) & files(test) and not files(pool) & (files(labeled) | files(test))
+    splits = [files(t) for t in (labeled, test, validation, pool)]
+    assert sum(len(s) for s in splits) == len(set().union(*splits)) == 5000
     assert pq.read_table(data["unlabeled_truth"]).num_rows == pool.num_rows
 
 
@@ -54,20 +57,23 @@ def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tm
     assert meta.architecture == "test_resnet" and meta.class_names == [str(d) for d in range(10)]
     assert meta.metrics["test_images"] == 200 and 0.0 <= meta.metrics["test_accuracy"] <= 1.0
     assert meta.config["steps"] == 30
+    assert "validation_accuracy" not in meta.metrics  # no validation split given: none evaluated
 
     spec = GenerationSpec(
         teacher=teacher.model_uri,
         labeled=data["labeled"],
         unlabeled=data["unlabeled"],
         eval=data["test"],
+        validation=data["validation"],
         output=str(tmp_path / "g1"),
         student=small(20),
     )
     spec.curation.confidence_floor = 0.0  # a 30-step teacher is not confident; keep every label
     result = pipeline.run_generation(spec, "g1")
-    assert result.labeling.predicted == 4750 and result.labeling.rejected == {}
-    assert result.dataset.images_seen == 4750 and result.dataset.manifest_rows > 0
-    assert result.student.metrics["test_images"] == 200
+    assert result.labeling.predicted == 4650 and result.labeling.rejected == {}
+    assert result.dataset.images_seen == 4650 and result.dataset.manifest_rows > 0
+    assert result.student.metrics["test_images"] == 200 and result.student.metrics["validation_images"] == 100
+    assert 0.0 <= result.student.metrics["validation_accuracy"] <= 1.0
     assert set(result.timings) == {"labeling", "curation", "student"}
     record = json.loads((tmp_path / "g1" / "generation.json").read_text())
     assert record["student"]["model_uri"] == str(tmp_path / "g1" / "model")

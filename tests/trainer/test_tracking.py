@@ -22,7 +22,7 @@ def file_store(tmp_path, monkeypatch) -> str:
 @pytest.mark.slow
 def test_a_training_run_logs_params_checkpoint_metrics_and_its_evaluation(ray_cluster, tmp_path, monkeypatch):
     uri = file_store(tmp_path, monkeypatch)
-    data = digits.write(str(tmp_path / "digits"), labeled_per_class=5, test_per_class=5)
+    data = digits.write(str(tmp_path / "digits"), labeled_per_class=5, test_per_class=5, validation_per_class=0)
     config = TrainConfig(
         architecture="test_resnet",
         input_size=32,

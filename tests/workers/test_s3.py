@@ -124,7 +124,7 @@ def test_labeling_and_curation_all_on_s3(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_a_generation_with_every_artifact_on_s3(ray_cluster, tmp_path):
     """Labeling, curation, student training with its checkpoints, model folders: all on S3."""
-    data = digits.write(str(tmp_path / "digits"), labeled_per_class=5, test_per_class=10)
+    data = digits.write(str(tmp_path / "digits"), labeled_per_class=5, test_per_class=10, validation_per_class=0)
     bucket = s3.new_bucket()
     s3.upload_folder(data["labeled"], bucket + "/labeled")
     s3.upload_folder(data["test"], bucket + "/test")
