@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curation.layout import Progress
 from curation.stats import DatasetStats
 from service.specs import GenerationConfig, Uri
 from service.states import Attempt, Stage
+from trainer.config import TrainConfig
 
 # Offsets past any real listing (and past what a 64-bit database integer holds) are refused up front.
 MAX_OFFSET = 10**12
@@ -44,6 +45,18 @@ class GenerationCreate(GenerationConfig):
         "labeled data first",
     )
     iterations: int = Field(1, ge=1, le=20, description="generations to chain, each taught by the one before")
+    students: list[TrainConfig] | None = Field(
+        None,
+        max_length=20,
+        description="one student config per generation of the chain, as many as iterations (the paper's "
+        "students grow from one generation to the next); none: `student` for every generation",
+    )
+
+    @model_validator(mode="after")
+    def _one_student_per_generation(self) -> GenerationCreate:
+        if self.students is not None and len(self.students) != self.iterations:
+            raise ValueError(f"students: {len(self.students)} configs for {self.iterations} iterations")
+        return self
 
 
 class StageTiming(BaseModel):

@@ -22,6 +22,7 @@ from service.settings import Settings
 from service.specs import GenerationConfig
 from service.states import Stage, check_transition
 from service.store import Dataset, Generation, StaleWrite, Store, utcnow
+from trainer.config import TrainConfig
 from trainer.meta import ModelMeta, load_meta
 
 GENERATION_ID = r"^g-[0-9a-f]{16}$"
@@ -69,13 +70,20 @@ class ControlPlane:
         return [*self.settings.allowed_roots, *principal.roots]
 
     def create(
-        self, config: GenerationConfig, iterations: int, idempotency_key: str | None, principal: Principal
+        self,
+        config: GenerationConfig,
+        iterations: int,
+        idempotency_key: str | None,
+        principal: Principal,
+        students: list[TrainConfig] | None = None,
     ) -> list[Generation]:
-        """Validate a request and queue its chain of generations; a repeated idempotency key (per principal)
-        returns the first. The spec stores the sources normalised, and the roots its jobs check every read
-        against."""
-        body = config.model_dump(mode="json", exclude={"iterations"})
-        request_hash = hashlib.sha256(json.dumps([body, iterations], sort_keys=True).encode()).hexdigest()
+        """Validate a request and queue its chain of generations, generation i with ``students[i]`` as its
+        student when given; a repeated idempotency key (per principal) returns the first. The spec stores the
+        sources normalised, and the roots its jobs check every read against."""
+        body = config.model_dump(mode="json", exclude={"iterations", "students"})
+        per_generation = [s.model_dump(mode="json") for s in students] if students else None
+        request = [body, iterations] + ([per_generation] if per_generation else [])
+        request_hash = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         if idempotency_key:
             if (existing := self._replay(idempotency_key, request_hash, principal)) is not None:
                 return existing
@@ -96,7 +104,11 @@ class ControlPlane:
                 parent_id=parent_id if i == 0 else ids[i - 1],
                 idempotency_key=idempotency_key if i == 0 else None,
                 request_hash=request_hash,
-                spec={**body, "teacher": teacher if i == 0 else None},
+                spec={
+                    **body,
+                    "teacher": teacher if i == 0 else None,
+                    **({"student": per_generation[i]} if per_generation else {}),
+                },
                 output=storage.join(self.settings.storage, "generations", gid),
                 stage=Stage.QUEUED.value,
                 cancel_requested=False,

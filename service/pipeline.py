@@ -23,6 +23,7 @@ from curation.stats import DatasetStats
 from service.specs import GenerationSpec
 from trainer import models
 from trainer.config import TrainConfig
+from trainer.meta import ModelMeta, ModelShape
 from trainer.train import TrainResult, train
 from workers import ledger
 from workers.curate import curate
@@ -129,6 +130,20 @@ def check_rows(name: str, table: pa.Table, roots: list[str] | None) -> None:
         raise UserError(f"{name}: {len(outside)} images lie outside the allowed roots, e.g. {outside[:3]}")
 
 
+def check_student_size(spec: GenerationSpec, teacher: ModelMeta) -> None:
+    """A student with fewer parameters than its teacher is a UserError unless the spec allows it."""
+    if spec.allow_smaller_student or not teacher.parameters:  # 0: a folder that does not say
+        return
+    shape = ModelMeta(**spec.student.model_dump(include=set(ModelShape.model_fields)), class_names=teacher.class_names)
+    parameters = models.count_parameters(models.create(shape))
+    if parameters < teacher.parameters:
+        raise UserError(
+            f"the student {spec.student.architecture} has {parameters:,} parameters, fewer than its teacher's "
+            f"{teacher.parameters:,} ({teacher.architecture}): a noisy student is equal to or larger than its "
+            "teacher; choose a larger student, or set allow_smaller_student"
+        )
+
+
 def teacher_of(spec: GenerationSpec) -> str:
     return spec.teacher or Layout(spec.output).teacher_model
 
@@ -191,7 +206,9 @@ def label_stage(
 
 def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
     """Fit the noisy student on the labeled source plus the curated manifest."""
-    class_names = models.load_meta(teacher_of(spec)).class_names
+    teacher = models.load_meta(teacher_of(spec))
+    class_names = teacher.class_names
+    check_student_size(spec, teacher)
     labeled_table, _ = sources.labeled_source(spec.labeled, class_names, spec.labeled_format)
     check_rows("labeled", labeled_table, spec.roots)
     return train(

@@ -60,6 +60,11 @@ class GenerationConfig(Config):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     student: TrainConfig = Field(default_factory=TrainConfig)
     teacher_config: TrainConfig | None = Field(None, description="training of the teacher when none is given")
+    allow_smaller_student: bool = Field(
+        False,
+        description="train a student with fewer parameters than its teacher; refused otherwise (a noisy student "
+        "is equal to or larger than its teacher)",
+    )
 
 
 class GenerationSpec(GenerationConfig):

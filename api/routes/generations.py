@@ -84,7 +84,7 @@ def create_generation(
     idempotency_key: Annotated[str | None, Header(max_length=255, description="repeat-safe submission key")] = None,
 ) -> GenerationAccepted:
     """Start a generation (or `iterations` chained ones); the sources are checked before anything runs."""
-    chain = control.create(body, body.iterations, idempotency_key, caller)
+    chain = control.create(body, body.iterations, idempotency_key, caller, students=body.students)
     first = chain[0]
     response.headers["Location"] = f"/generations/{first.id}"
     return GenerationAccepted(

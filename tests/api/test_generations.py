@@ -145,3 +145,19 @@ def test_readiness_names_what_is_down_and_metrics_are_exposed(client):
     text = client.get("/metrics").text
     assert 'nstudent_http_request_seconds_count{method="GET",route="/generations",status="200"}' in text
     assert "nstudent_generations{stage=" in text
+
+
+def test_a_chain_may_give_each_generation_its_own_student(client, digits_root):
+    """The paper's students grow: `students` gives one config per generation, and must give as many as
+    iterations."""
+    students = [{"architecture": "test_resnet", "steps": 10}, {"architecture": "resnet18", "steps": 20}]
+    r = client.post("/generations", json=request(digits_root, iterations=2, students=students), headers=WRITE)
+    assert r.status_code == 202, r.text
+    specs = [client.get(f"/generations/{g}", headers=READ).json()["spec"] for g in r.json()["chain"]]
+    assert [(s["student"]["architecture"], s["student"]["steps"]) for s in specs] == [
+        ("test_resnet", 10),
+        ("resnet18", 20),
+    ]
+    assert all("students" not in s for s in specs)
+    r = client.post("/generations", json=request(digits_root, iterations=3, students=students), headers=WRITE)
+    assert r.status_code == 422 and "students: 2 configs for 3 iterations" in r.text

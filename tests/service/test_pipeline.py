@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import sources
+from curation.errors import UserError
 from service import digits, pipeline
 from service.specs import GenerationSpec
 from trainer import models
@@ -101,3 +102,17 @@ def test_training_resumes_from_its_last_checkpoint(ray_cluster, data, tmp_path):
     assert first.metrics["resumed_from_step"] == 0
     again = pipeline.train_teacher(small(20), labeled=data["labeled"], eval=data["test"], output=str(tmp_path))
     assert again.metrics["resumed_from_step"] == 10
+
+
+def test_a_student_smaller_than_its_teacher_is_refused_unless_allowed(tmp_path):
+    """A noisy student is equal to or larger than its teacher: a smaller one is a user error naming both sizes,
+    unless the spec allows it."""
+    teacher = ModelMeta(architecture="resnet18", input_size=32, class_names=["a", "b"], parameters=11_177_538)
+    spec = GenerationSpec(
+        labeled="/l", unlabeled="/u", eval="/e", output=str(tmp_path), student=small(10, architecture="test_resnet")
+    )
+    with pytest.raises(UserError, match=r"the student test_resnet has [\d,]+ parameters, fewer than its teacher's"):
+        pipeline.check_student_size(spec, teacher)
+    pipeline.check_student_size(spec.model_copy(update={"allow_smaller_student": True}), teacher)
+    larger = spec.model_copy(update={"student": small(10, architecture="resnet18")})
+    pipeline.check_student_size(larger, teacher)
