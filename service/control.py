@@ -94,6 +94,9 @@ class ControlPlane:
             if getattr(config, name) is not None
         }
         teacher, parent_id = self._check(config, normalized, roots, principal)
+        for train in [config.student, config.teacher_config, *(students or [])]:
+            if train is not None and train.init_from:  # the job checks it again, against the spec's roots
+                self.source("init_from", train.init_from, roots)
         body = {**body, **normalized, "roots": roots, "progress_seconds": self.settings.progress_seconds}
         ids = [new_generation_id() for _ in range(iterations)]
         chain = [

@@ -69,6 +69,7 @@ def train_teacher(
     """Generation 0: a supervised model on the labeled source alone, with the same noise as the students."""
     labeled_table, class_names = sources.labeled_source(labeled, fmt=labeled_format)
     check_rows("labeled", labeled_table, roots)
+    check_readable("init_from", config.init_from, roots)
     return train(
         config,
         labeled=labeled_table,
@@ -110,6 +111,16 @@ def held_out(
     table, _ = sources.labeled_source(uri, class_names, fmt)
     check_rows(name, table, roots)
     return table
+
+
+def check_readable(name: str, uri: str | None, roots: list[str] | None) -> None:
+    """``uri`` (a model folder, say) lies under ``roots``; else a UserError naming ``name``."""
+    if uri is None or roots is None:
+        return
+    try:
+        access.ReadPolicy(tuple(roots)).check(uri)
+    except access.Refused as e:
+        raise UserError(f"{name} {uri} may not be read: {e.detail}") from None
 
 
 def check_rows(name: str, table: pa.Table, roots: list[str] | None) -> None:
@@ -209,6 +220,7 @@ def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
     teacher = models.load_meta(teacher_of(spec))
     class_names = teacher.class_names
     check_student_size(spec, teacher)
+    check_readable("init_from", spec.student.init_from, spec.roots)
     labeled_table, _ = sources.labeled_source(spec.labeled, class_names, spec.labeled_format)
     check_rows("labeled", labeled_table, spec.roots)
     return train(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from curation.config import MAX_SEED, Config
+from curation.config import MAX_SEED, CleanStr, Config
 from curation.imaging import DecodeConfig
 from trainer.meta import ModelShape
 
@@ -87,6 +87,12 @@ class TrainConfig(ModelShape):
     )
     torch_threads: int | None = Field(
         None, ge=1, le=1024, description="intra-op threads per CPU worker; default: all cores"
+    )
+    init_from: CleanStr | None = Field(
+        None,
+        max_length=4096,
+        description="a model folder whose weights the model starts from (same architecture and classes); "
+        "none: random initialisation, as in the paper",
     )
     stall_timeout_s: float | None = Field(
         600.0,

@@ -30,6 +30,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from curation import imaging, storage
+from curation.errors import UserError
 from curation.layout import PROGRESS_SECONDS, Phase, write_progress
 from trainer import data, models, noise, stall
 from trainer.config import TrainConfig
@@ -120,6 +121,8 @@ class _State:
 
     def __init__(self, config: TrainConfig, meta: ModelMeta, device: torch.device) -> None:
         self.model = models.create(meta, drop_rate=config.noise.dropout, drop_path_rate=config.noise.drop_path)
+        if config.init_from:  # checked by the job's driver: same architecture and classes (check_init_from)
+            self.model.load_state_dict(models.load(config.init_from)[0].state_dict())
         self.model = self.model.to(device, memory_format=torch.channels_last)
         self.ema = ModelEmaV3(self.model, decay=config.ema_decay, use_warmup=True)
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=config.lr, weight_decay=config.weight_decay)
@@ -392,6 +395,7 @@ def train(
         code_version=code_version,
     )
     meta.parameters = models.count_parameters(models.create(meta))
+    check_init_from(config, class_names)
     datasets = _datasets(
         config,
         labeled,
@@ -437,6 +441,21 @@ def train(
     return TrainResult(
         model_uri=model_uri, metrics=saved.metrics, parameters=meta.parameters, seconds=time.time() - started
     )
+
+
+def check_init_from(config: TrainConfig, class_names: list[str]) -> None:
+    """The model folder a run starts from has the run's architecture and classes; else a UserError."""
+    if not config.init_from:
+        return
+    try:
+        start = models.load_meta(config.init_from)
+    except (OSError, ValueError) as e:
+        raise UserError(f"init_from {config.init_from}: not a model folder ({e})") from None
+    if (start.architecture, start.class_names) != (config.architecture, class_names):
+        raise UserError(
+            f"init_from {config.init_from} is a {start.architecture} of {start.num_classes} classes; the run "
+            f"trains a {config.architecture} of {len(class_names)} classes {class_names[:5]}..."
+        )
 
 
 def _datasets(

@@ -161,3 +161,12 @@ def test_a_chain_may_give_each_generation_its_own_student(client, digits_root):
     assert all("students" not in s for s in specs)
     r = client.post("/generations", json=request(digits_root, iterations=3, students=students), headers=WRITE)
     assert r.status_code == 422 and "students: 2 configs for 3 iterations" in r.text
+
+
+def test_init_from_must_be_a_readable_model_folder(client, digits_root):
+    """A student may start from a model folder; one outside the allowed roots is refused at once."""
+    body = request(digits_root, student={"architecture": "test_resnet", "init_from": "/etc"})
+    r = client.post("/generations", json=body, headers=WRITE)
+    assert r.status_code == 422 and "/etc is not under an allowed source root" in r.text
+    body = request(digits_root, student={"architecture": "test_resnet", "init_from": str(digits_root / "gone")})
+    assert "does not exist" in client.post("/generations", json=body, headers=WRITE).text
