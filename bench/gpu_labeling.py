@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from labeling_throughput import commit_times, steady_rate, teacher_folder  # noqa: E402
+from labeling_throughput import commit_times, interleaved, phase_inputs, steady_rate  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 
@@ -168,46 +168,8 @@ def main() -> None:
         import torch
 
         machine["gpu"] = torch.cuda.get_device_name()
-    paths = _common.jpeg_pool(f"jpeg-{args.source_size}", args.images, args.source_size, args.source_size)
-    teacher = teacher_folder(args.arch, args.input_size, args.classes)
-    scratch = tempfile.mkdtemp(prefix="gpu-label-bench-", dir=_common.DATA_DIR)
-    paths_file = os.path.join(scratch, "paths.json")
-    Path(paths_file).write_text(json.dumps(paths))
-    manifest = _common.manifest(paths, os.path.join(scratch, "source.parquet"))
-    common = [
-        "--teacher",
-        teacher,
-        "--paths",
-        paths_file,
-        "--manifest",
-        manifest,
-        "--scratch",
-        scratch,
-        "--images",
-        str(args.images),
-        "--batch-size",
-        str(args.batch_size),
-        "--threads",
-        str(args.threads),
-        "--cpus",
-        str(args.cpus),
-        "--rows-per-file",
-        str(args.rows_per_file),
-    ]
-    runs: dict[str, list[dict]] = {w: [] for w in ways}
-    loads = []
-    for r in range(args.repeats):
-        # A B C, then C B A: each way sees the machine's drift from both sides.
-        for way in ways if r % 2 == 0 else ways[::-1]:
-            loads.append(_common.load())
-            result = _common.run_phase(SCRIPT, ["--phase", way, *common])
-            runs[way].append(result)
-            print(
-                f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
-                f"{result['end_to_end']:.1f} img/s (load {loads[-1]})",
-                file=sys.stderr,
-                flush=True,
-            )
+    common = phase_inputs(args, "gpu-label-bench-")
+    runs, loads = interleaved(SCRIPT, ways, common, args.repeats)
 
     summary = {
         w: {k: round(_common.median([x[k] or 0.0 for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways

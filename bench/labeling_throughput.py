@@ -230,6 +230,41 @@ PHASES = {"ceiling": phase_ceiling, "plain": phase_plain, "pipeline": phase_pipe
 # ------------------------------------------------------------------------------------------------- driver
 
 
+def phase_inputs(args, prefix: str) -> list[str]:
+    """The arguments every phase of a labeling benchmark takes: the JPEG pool (cached), an untrained teacher
+    folder, the pool's manifest in a new scratch folder, and the shared settings."""
+    paths = _common.jpeg_pool(f"jpeg-{args.source_size}", args.images, args.source_size, args.source_size)
+    teacher = teacher_folder(args.arch, args.input_size, args.classes)
+    scratch = tempfile.mkdtemp(prefix=prefix, dir=_common.DATA_DIR)
+    paths_file = os.path.join(scratch, "paths.json")
+    Path(paths_file).write_text(json.dumps(paths))
+    manifest = _common.manifest(paths, os.path.join(scratch, "source.parquet"))
+    return [
+        *("--teacher", teacher, "--paths", paths_file, "--manifest", manifest, "--scratch", scratch),
+        *("--images", str(args.images), "--batch-size", str(args.batch_size), "--threads", str(args.threads)),
+        *("--cpus", str(args.cpus), "--rows-per-file", str(args.rows_per_file)),
+    ]
+
+
+def interleaved(script: str, ways: list[str], common: list[str], repeats: int) -> tuple[dict[str, list[dict]], list]:
+    """Each way run ``repeats`` times in its own process, A B C then C B A, so that each sees the machine's
+    drift from both sides; the runs of each way, and the load average before each run."""
+    runs: dict[str, list[dict]] = {w: [] for w in ways}
+    loads = []
+    for r in range(repeats):
+        for way in ways if r % 2 == 0 else ways[::-1]:
+            loads.append(_common.load())
+            result = _common.run_phase(script, ["--phase", way, *common])
+            runs[way].append(result)
+            print(
+                f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
+                f"{result['end_to_end']:.1f} img/s (load {loads[-1]})",
+                file=sys.stderr,
+                flush=True,
+            )
+    return runs, loads
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=4096)
@@ -261,48 +296,9 @@ def main() -> None:
         return
 
     machine = _common.machine()
-    paths = _common.jpeg_pool(f"jpeg-{args.source_size}", args.images, args.source_size, args.source_size)
-    teacher = teacher_folder(args.arch, args.input_size, args.classes)
-    scratch = tempfile.mkdtemp(prefix="label-bench-", dir=_common.DATA_DIR)
-    paths_file = os.path.join(scratch, "paths.json")
-    Path(paths_file).write_text(json.dumps(paths))
-    manifest = _common.manifest(paths, os.path.join(scratch, "source.parquet"))
-    common = [
-        "--teacher",
-        teacher,
-        "--paths",
-        paths_file,
-        "--manifest",
-        manifest,
-        "--scratch",
-        scratch,
-        "--images",
-        str(args.images),
-        "--batch-size",
-        str(args.batch_size),
-        "--threads",
-        str(args.threads),
-        "--loader-workers",
-        str(args.loader_workers),
-        "--cpus",
-        str(args.cpus),
-        "--rows-per-file",
-        str(args.rows_per_file),
-    ]
+    common = [*phase_inputs(args, "label-bench-"), "--loader-workers", str(args.loader_workers)]
     ways = args.ways.split(",")
-    runs: dict[str, list[dict]] = {w: [] for w in ways}
-    loads = []
-    for r in range(args.repeats):
-        for way in ways if r % 2 == 0 else ways[::-1]:  # A B C, then C B A
-            loads.append(_common.load())
-            result = _common.run_phase(SCRIPT, ["--phase", way, *common])
-            runs[way].append(result)
-            print(
-                f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
-                f"{result['end_to_end']:.1f} img/s (load {loads[-1]})",
-                file=sys.stderr,
-                flush=True,
-            )
+    runs, loads = interleaved(SCRIPT, ways, common, args.repeats)
 
     summary = {
         w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways
