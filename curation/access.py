@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from curation import storage
 from curation.config import clean_text
+from curation.errors import UserError
 from curation.imaging import NOT_REGULAR_FILE, OUTSIDE_ROOTS, TOO_LARGE
 
 
@@ -79,6 +80,14 @@ class ReadPolicy:
         if self.roots is not None and not under(normalized, self.roots):
             raise Refused(OUTSIDE_ROOTS, "not under an allowed root")
         return normalized
+
+    def require(self, name: str, uri: str) -> str:
+        """``uri`` normalised, or a UserError saying that ``name`` (a source, a model folder a job was given)
+        may not be read: what a request named is the request's fault, not a reject."""
+        try:
+            return self.check(uri)
+        except Refused as e:
+            raise UserError(f"{name} {uri} may not be read: {e.detail}") from None
 
     def read(self, uri: str) -> bytes:
         """The whole file or object at ``uri`` if the policy allows it: Refused with ``outside_roots``,

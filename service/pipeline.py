@@ -115,12 +115,8 @@ def held_out(
 
 def check_readable(name: str, uri: str | None, roots: list[str] | None) -> None:
     """``uri`` (a model folder, say) lies under ``roots``; else a UserError naming ``name``."""
-    if uri is None or roots is None:
-        return
-    try:
-        access.ReadPolicy(tuple(roots)).check(uri)
-    except access.Refused as e:
-        raise UserError(f"{name} {uri} may not be read: {e.detail}") from None
+    if uri is not None and roots is not None:
+        access.ReadPolicy(tuple(roots)).require(name, uri)
 
 
 def check_rows(name: str, table: pa.Table, roots: list[str] | None) -> None:

@@ -44,7 +44,6 @@ import ray
 from pydantic import BaseModel, Field
 
 from curation import access, imaging, schema, sources, storage
-from curation.errors import UserError
 from curation.layout import LABELING_PROGRESS, PROGRESS_SECONDS
 from workers import ledger, watchdog
 from workers.config import LabelConfig
@@ -421,11 +420,8 @@ def label(
 
     config = config or LabelConfig()
     policy = access.ReadPolicy(tuple(roots) if roots is not None else None, config.decode.max_file_bytes)
-    for name, uri in (("source", source_uri), ("teacher", model_uri)):
-        try:
-            policy.check(uri)
-        except access.Refused as e:
-            raise UserError(f"the {name} {uri} may not be read: {e.detail}") from None
+    policy.require("the source", source_uri)
+    policy.require("the teacher", model_uri)
     meta = models.load_meta(model_uri)
     fmt = sources.resolve_format(source_uri, source_format)
     ledger.open_run(out_uri, _run_record(source_uri, fmt, model_uri, teacher_id, config), restart=restart)
