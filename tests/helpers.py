@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 from PIL import Image
@@ -66,6 +69,34 @@ def untrained_model(
     meta.parameters = models.count_parameters(model)
     models.save(model, meta, uri)
     return meta
+
+
+def kill_process_tree(proc: subprocess.Popen, marker: str, timeout: float = 30) -> None:
+    """SIGKILL ``proc``'s process group, then every process whose command line holds ``marker`` (a private Ray
+    cluster's temp dir) until none is left: a Ray node's processes may outlive the process that started them."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        left.append(int(pid))
+            except OSError:
+                continue
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
 
 
 def checkpoint_registered(run_folder: str) -> bool:

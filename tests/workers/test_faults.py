@@ -5,17 +5,15 @@ source image exactly once in the predictions or the rejects, or resume training 
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
 from curation import sources, storage
-from tests.helpers import untrained_model, write_pool
+from tests.helpers import kill_process_tree, untrained_model, write_pool
 from workers import ledger
 from workers.labeling import LabelConfig, label
 from workers.watchdog import StallError
@@ -38,37 +36,10 @@ def run_scenario(scenario: str, workdir: str, timeout: float = 600) -> dict:
     try:
         output, _ = proc.communicate(timeout=timeout)
     finally:
-        _kill_leftovers(proc, f"nst-faults-{proc.pid}")
+        kill_process_tree(proc, f"nst-faults-{proc.pid}")
     assert proc.returncode == 0, output.decode(errors="replace")[-4000:]
     with open(os.path.join(workdir, "result.json")) as f:
         return json.load(f)
-
-
-def _kill_leftovers(proc: subprocess.Popen, temp_dir_name: str) -> None:
-    """SIGKILL the scenario's process group and any process of its private cluster (its temp dir in the
-    command line) still alive: a removed node's processes may outlive the scenario."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    for _ in range(20):
-        left = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if temp_dir_name.encode() in f.read():
-                        left.append(int(pid))
-            except OSError:
-                continue
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
 
 
 def labeled_ids(out: str) -> Counter:

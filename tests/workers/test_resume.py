@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import sources, storage
-from tests.helpers import untrained_model, write_pool
+from tests.helpers import kill_process_tree, untrained_model, write_pool
 from workers import ledger
 from workers.labeling import LabelConfig, label
 
@@ -90,33 +89,6 @@ JOB = textwrap.dedent(
 )
 
 
-def _kill_tree(proc: subprocess.Popen, temp_dir: str) -> None:
-    """SIGKILL the job's process group, then any process of its private Ray cluster still alive."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        left = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if temp_dir.encode() in cmdline:
-                left.append(int(pid))
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 def test_job_killed_with_sigkill_resumes_exactly_once(ray_cluster, tmp_path, teacher):
     good, bad = write_pool(str(tmp_path / "pool"), good=2395)
     source = str(tmp_path / "pool")
@@ -138,7 +110,7 @@ def test_job_killed_with_sigkill_resumes_exactly_once(ray_cluster, tmp_path, tea
             assert time.time() < deadline, "the job wrote nothing in 5 minutes"
             time.sleep(0.05)
     finally:
-        _kill_tree(proc, temp_dir)
+        kill_process_tree(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     killed_at = labeled_ids(out)
     assert 0 < sum(killed_at.values()) < 2400, "the job was to be killed in the middle"
