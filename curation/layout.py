@@ -9,6 +9,7 @@ Everything a generation writes lies under its output folder (a local folder or a
                                 labeling-run.json (resume), source.parquet (a folder source, listed once)
     <output>/dataset/           manifest/*.parquet, stats.json
     <output>/model/             the student's model folder: the next generation's teacher
+    <output>/student/           the student before its fine-tune on labeled data, when the spec asks for one
     <output>/checkpoints/       Ray Train checkpoints (resume by re-running)
     <output>/generation.json    what was done, with timings and metrics (a whole generation in one process)
     <output>/progress.json      the running job's progress: ``Progress``
@@ -87,6 +88,11 @@ class Layout:
     @property
     def model(self) -> str:
         return self._at("model")
+
+    @property
+    def student(self) -> str:
+        """Model folder of the student before its fine-tune (``model`` is then the fine-tuned one)."""
+        return self._at("student")
 
     @property
     def checkpoints(self) -> str:

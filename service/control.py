@@ -97,6 +97,13 @@ class ControlPlane:
         for train in [config.student, config.teacher_config, *(students or [])]:
             if train is not None and train.init_from:  # the job checks it again, against the spec's roots
                 self.source("init_from", train.init_from, roots)
+        if config.robustness_baseline is not None:
+            baseline = self.source("robustness_baseline", config.robustness_baseline, roots)
+            try:
+                load_meta(baseline)
+            except ValueError as e:
+                raise InvalidRequest("robustness_baseline", str(e)) from None
+            normalized["robustness_baseline"] = baseline
         body = {**body, **normalized, "roots": roots, "progress_seconds": self.settings.progress_seconds}
         ids = [new_generation_id() for _ in range(iterations)]
         chain = [

@@ -14,17 +14,20 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from curation import storage
 from curation.balance import CurationConfig
 from curation.layout import Layout
 from service import digits, pipeline, plots
 from service.specs import GenerationSpec
+from trainer import models
 from trainer.config import NoiseConfig, TrainConfig
+from trainer.train import TrainResult
 from workers.config import LabelConfig
 
 # Digits are 28 px grey strokes on black: 32 px inputs, normalised with the digits' own statistics.
@@ -70,17 +73,62 @@ def student_config(seed: int, steps: int = 1000) -> TrainConfig:
     )
 
 
+def supervised_config(student: TrainConfig) -> TrainConfig:
+    """The budget-matched supervised baseline of a student: its architecture, noise, steps and images per step,
+    all of them labeled."""
+    return student.model_copy(
+        update={"batch_size": student.batch_size + student.unlabeled_batch_size, "unlabeled_ratio": 0.0}
+    )
+
+
+def generation_spec(
+    data: dict[str, str], teacher_uri: str, output: str, seed: int, student: TrainConfig, **changes: Any
+) -> GenerationSpec:
+    """The demo's generation taught by ``teacher_uri``; ``changes`` replace fields of the spec."""
+    spec = GenerationSpec(
+        teacher=teacher_uri,
+        labeled=data["labeled"],
+        unlabeled=data["unlabeled"],
+        eval=data["test"],
+        validation=data["validation"],
+        output=output,
+        label=LabelConfig(top_k=5, batch_size=512),
+        curation=CurationConfig(confidence_floor=0.3, seed=seed),
+        student=student,
+    )
+    return spec.model_copy(update=changes)
+
+
 class Row(BaseModel):
     generation: int
     role: str
     architecture: str
     parameters: int
-    pseudo_labels_kept: int | None
-    pseudo_label_accuracy: float | None
+    pseudo_labels_kept: int | None = None
+    pseudo_label_accuracy: float | None = None
     validation_accuracy: float
     test_accuracy: float
+    mce: float | None = Field(None, description="mean corruption error relative to the teacher (gen 0), in %")
+    flip_rate: float | None = Field(None, description="mean flip rate over the perturbation sequences")
     seconds: float
     model_uri: str
+
+    @classmethod
+    def of(cls, generation: int, role: str, result: TrainResult, seconds: float, **more: Any) -> Row:
+        m = result.metrics
+        return cls(
+            generation=generation,
+            role=role,
+            architecture=models.load_meta(result.model_uri).architecture,
+            parameters=result.parameters,
+            validation_accuracy=m["validation_accuracy"],
+            test_accuracy=m["test_accuracy"],
+            mce=m.get("mce", 100.0 if generation == 0 and "corruption_error" in m else None),
+            flip_rate=m.get("flip_rate"),
+            seconds=seconds,
+            model_uri=result.model_uri,
+            **more,
+        )
 
 
 def pseudo_label_accuracy(manifest_uri: str, truth_uri: str) -> float:
@@ -109,7 +157,7 @@ def run(
     follow = follow or (lambda uri, name: contextlib.nullcontext())
     out = os.path.abspath(out)
     started = time.time()
-    data = digits.write(os.path.join(out, "data"))
+    data = digits.write(os.path.join(out, "data"), seed=seed)
     progress(
         f"data: {data['labeled']} (100 labeled), {data['unlabeled']} (3,800 unlabeled), "
         f"{data['validation']} (100 validation), {data['test']} (1,000 test)"
@@ -127,20 +175,7 @@ def run(
             output=gen0,
             progress_uri=Layout(gen0).progress,
         )
-    rows = [
-        Row(
-            generation=0,
-            role="teacher",
-            architecture=ARCHITECTURE,
-            parameters=teacher.parameters,
-            pseudo_labels_kept=None,
-            pseudo_label_accuracy=None,
-            validation_accuracy=teacher.metrics["validation_accuracy"],
-            test_accuracy=teacher.metrics["test_accuracy"],
-            seconds=time.time() - t,
-            model_uri=teacher.model_uri,
-        )
-    ]
+    rows = [Row.of(0, "teacher", teacher, time.time() - t)]
     progress(
         f"gen-0: validation {rows[-1].validation_accuracy:.2%}, test {rows[-1].test_accuracy:.2%} "
         f"in {rows[-1].seconds:.0f}s"
@@ -149,32 +184,21 @@ def run(
     model_uri = teacher.model_uri
     for g in range(1, generations + 1):
         t = time.time()
-        spec = GenerationSpec(
-            teacher=model_uri,
-            labeled=data["labeled"],
-            unlabeled=data["unlabeled"],
-            eval=data["test"],
-            validation=data["validation"],
-            output=os.path.join(out, f"gen-{g}"),
-            label=LabelConfig(top_k=5, batch_size=512),
-            curation=CurationConfig(confidence_floor=0.3, seed=seed),
-            student=student_config(seed + g, student_steps),
+        student = student_config(seed + g, student_steps)
+        spec = generation_spec(
+            data, model_uri, os.path.join(out, f"gen-{g}"), seed, student, robustness_baseline=teacher.model_uri
         )
         with follow(Layout(spec.output).progress, f"gen-{g} "):
             result = pipeline.run_generation(spec, f"gen-{g}", progress=progress)
         model_uri = result.student.model_uri
         rows.append(
-            Row(
-                generation=g,
-                role="student",
-                architecture=spec.student.architecture,
-                parameters=result.student.parameters,
+            Row.of(
+                g,
+                "student",
+                result.student,
+                time.time() - t,
                 pseudo_labels_kept=result.dataset.manifest_rows,
                 pseudo_label_accuracy=pseudo_label_accuracy(result.dataset.manifest_uri, data["unlabeled_truth"]),
-                validation_accuracy=result.student.metrics["validation_accuracy"],
-                test_accuracy=result.student.metrics["test_accuracy"],
-                seconds=time.time() - t,
-                model_uri=model_uri,
             )
         )
         progress(

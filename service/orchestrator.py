@@ -169,7 +169,15 @@ class Orchestrator:
         layout = Layout(g.output)
         listed = self._listed(g)
         unlabeled = {"unlabeled": listed, "unlabeled_format": "manifest"} if listed else {}
-        spec = GenerationSpec.model_validate({**g.spec, "teacher": teacher, "output": g.output, **unlabeled})
+        spec = GenerationSpec.model_validate(
+            {
+                **g.spec,
+                "teacher": teacher,
+                "output": g.output,
+                "robustness_baseline": config.robustness_baseline or self._first_teacher(g, teacher),
+                **unlabeled,
+            }
+        )
         storage.write_json(layout.spec, spec.model_dump(mode="json"))
         order = [JobKind.LABEL, JobKind.TRAIN] if teacher else [JobKind.TEACHER, JobKind.LABEL, JobKind.TRAIN]
         done = {kind for kind in order if (a := g.attempts_of(kind)) and a[-1].status == JobStatus.SUCCEEDED}
@@ -178,6 +186,13 @@ class Orchestrator:
         if kind == JobKind.TRAIN and g.dataset_id is None:
             g = self._record_dataset(g)
         self._submit(g, kind)
+
+    def _first_teacher(self, g: Generation, teacher: str | None) -> str:
+        """The chain's first teacher, the default baseline of its students' robustness (mCE, mFR)."""
+        first = self.store.get(g.chain_id) if g.chain_index else None
+        if first is not None and first.teacher_uri:
+            return first.teacher_uri
+        return teacher or Layout(g.output).teacher_model
 
     def _listed(self, g: Generation) -> str | None:
         """The manifest the teacher generation made of the same unlabeled folder: a folder is listed once

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import pyarrow as pa
@@ -47,7 +48,8 @@ class GenerationResult(BaseModel):
     teacher_result: TrainResult | None = None
     labeling: LabelResult
     dataset: DatasetStats
-    student: TrainResult
+    student: TrainResult = Field(description="the generation's model: the student, fine-tuned when asked")
+    unfinetuned: TrainResult | None = Field(None, description="the student before its fine-tune, if any")
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
 
 
@@ -211,29 +213,55 @@ def label_stage(
     return labeling, dataset
 
 
-def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> TrainResult:
-    """Fit the noisy student on the labeled source plus the curated manifest."""
+def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> tuple[TrainResult, TrainResult | None]:
+    """Fit the noisy student on the labeled source plus the curated manifest, then fine-tune it on the labeled
+    source alone when the spec asks. Returns (the generation's model, the student before its fine-tune or
+    None). The student's mCE and mFR are relative to the spec's robustness baseline."""
     teacher = models.load_meta(teacher_of(spec))
     class_names = teacher.class_names
     check_student_size(spec, teacher)
     check_readable("init_from", spec.student.init_from, spec.roots)
     labeled_table, _ = sources.labeled_source(spec.labeled, class_names, spec.labeled_format)
     check_rows("labeled", labeled_table, spec.roots)
-    return train(
-        spec.student,
+    layout = Layout(spec.output)
+    run = partial(
+        train,
         labeled=labeled_table,
         class_names=class_names,
         eval_set=held_out("eval", spec.eval, class_names, spec.eval_format, spec.roots),
         validation_set=held_out("validation", spec.validation, class_names, spec.validation_format, spec.roots),
-        model_uri=Layout(spec.output).model,
-        storage_path=Layout(spec.output).checkpoints,
+        storage_path=layout.checkpoints,
+        code_version=code_version(),
+        progress_uri=layout.progress,
+        progress_seconds=spec.progress_seconds,
+        robustness_baseline=robustness_baseline(spec),
+    )
+    student = run(
+        spec.student,
+        model_uri=layout.student if spec.finetune else layout.model,
         run_name="student",
         pseudo_manifest_uri=dataset.manifest_uri,
         pseudo_rows=dataset.manifest_copies,
-        code_version=code_version(),
-        progress_uri=Layout(spec.output).progress,
-        progress_seconds=spec.progress_seconds,
     )
+    if spec.finetune is None:
+        return student, None
+    return run(spec.finetune.of(spec.student, student.model_uri), model_uri=layout.model, run_name="finetune"), student
+
+
+def robustness_baseline(spec: GenerationSpec) -> dict[str, float] | None:
+    """The metrics of the model the student's robustness is relative to: the spec's baseline, else its teacher
+    (the control plane names the chain's first teacher). None, with a warning, when that folder has no
+    corruption errors (a model imported rather than trained here)."""
+    uri = spec.robustness_baseline or teacher_of(spec)
+    check_readable("robustness_baseline", uri, spec.roots)
+    try:
+        metrics = models.load_meta(uri).metrics
+    except (OSError, ValueError) as e:
+        raise UserError(f"robustness_baseline {uri}: not a model folder ({e})") from None
+    if "corruption_error" not in metrics:
+        log.warning("robustness baseline %s has no corruption errors: no mCE or mFR", uri)
+        return None
+    return metrics
 
 
 def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress = log.info) -> GenerationResult:
@@ -248,7 +276,7 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
     labeling, dataset = label_stage(spec, generation_id, f"{generation_id}-dataset", progress, timings)
     progress(f"{generation_id}: training student {spec.student.architecture} for {spec.student.steps} steps")
     t = time.time()
-    student = student_stage(spec, dataset)
+    student, unfinetuned = student_stage(spec, dataset)
     timings["student"] = time.time() - t
     result = GenerationResult(
         generation_id=generation_id,
@@ -257,6 +285,7 @@ def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress 
         labeling=labeling,
         dataset=dataset,
         student=student,
+        unfinetuned=unfinetuned,
         timings=timings,
     )
     storage.write_json(Layout(spec.output).summary, result.model_dump(mode="json"))

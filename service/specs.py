@@ -10,7 +10,7 @@ from curation.balance import CurationConfig
 from curation.config import CleanStr, Config
 from curation.layout import PROGRESS_SECONDS
 from curation.sources import SourceFormat
-from trainer.config import TrainConfig
+from trainer.config import FinetuneConfig, TrainConfig
 from workers.config import LabelConfig
 
 # A source or model URI: a local path or an s3:// URI, of a sane length.
@@ -60,6 +60,16 @@ class GenerationConfig(Config):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     student: TrainConfig = Field(default_factory=TrainConfig)
     teacher_config: TrainConfig | None = Field(None, description="training of the teacher when none is given")
+    finetune: FinetuneConfig | None = Field(
+        None,
+        description="fine-tune the student on the labeled data alone as the generation's last step; its result "
+        "is the generation's model (none: no fine-tune, as in the paper's main results)",
+    )
+    robustness_baseline: Uri | None = Field(
+        None,
+        description="model folder whose corruption errors and flip rates the student's mCE and mFR are relative "
+        "to; none: the chain's first teacher",
+    )
     allow_smaller_student: bool = Field(
         False,
         description="train a student with fewer parameters than its teacher; refused otherwise (a noisy student "

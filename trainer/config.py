@@ -101,6 +101,12 @@ class TrainConfig(ModelShape):
         description="seconds without a training or evaluation step (Ray Train's start-up and restarts included) "
         "after which the run fails with a StallError naming what waits on what; none: wait forever",
     )
+    robustness_images: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000_000,
+        description="test images the corruption and perturbation suites run on (trainer.robustness); 0: none",
+    )
     checkpoint_every: int = Field(200, ge=1, le=100_000_000, description="steps between checkpoints")
     shuffle_buffer: int = Field(2048, ge=0, le=10_000_000, description="rows in each worker's local shuffle buffer")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -113,3 +119,27 @@ class TrainConfig(ModelShape):
     @property
     def unlabeled_batch_size(self) -> int:
         return int(round(self.batch_size * self.unlabeled_ratio))
+
+
+class FinetuneConfig(Config):
+    """The optional last step of a generation: the student fine-tuned on the labeled data alone (the paper's
+    option), from its own weights, with the student's architecture, noise and images per step."""
+
+    steps: int = Field(ge=1, le=100_000_000, description="optimizer steps")
+    lr: float = Field(3e-4, gt=0, le=100, description="peak learning rate: a tenth of the student's default")
+    warmup_steps: int = Field(0, ge=0, le=100_000_000)
+
+    def of(self, student: TrainConfig, init_from: str) -> TrainConfig:
+        """The fine-tune's run: the student's config on labeled images only, as many per step as the student
+        saw (labeled and pseudo-labeled), starting from the student's model folder ``init_from``."""
+        return student.model_copy(
+            update={
+                "steps": self.steps,
+                "lr": self.lr,
+                "warmup_steps": self.warmup_steps,
+                "batch_size": student.batch_size + student.unlabeled_batch_size,
+                "unlabeled_ratio": 0.0,
+                "init_from": init_from,
+                "checkpoint_every": min(student.checkpoint_every, self.steps),
+            }
+        )

@@ -32,7 +32,7 @@ from timm.utils import ModelEmaV3
 from curation import imaging, storage
 from curation.errors import UserError
 from curation.layout import PROGRESS_SECONDS, Phase, write_progress
-from trainer import data, models, noise, stall
+from trainer import data, models, noise, robustness, stall
 from trainer.config import TrainConfig
 from trainer.meta import ModelMeta, ModelShape
 from trainer.tracking import Tracker, TrackingConfig, tracking_config
@@ -106,7 +106,16 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
     reports.phase(Phase.EVALUATING, step)
     metrics = {}
     for name, batches in held_out.items():
-        metrics.update(_evaluate(state.ema.module, meta, device, world, batches, reports.beat, *HELD_OUT[name]))
+        # The test split also runs the corruption and perturbation suites (the same seed for every model, so
+        # that models evaluated on the same batches see the same corrupted images).
+        suite = None
+        if name == "eval" and config.robustness_images:
+            suite = robustness.Suite(device, max_images=-(-config.robustness_images // world))
+        metrics.update(
+            _evaluate(state.ema.module, meta, device, world, batches, reports.beat, *HELD_OUT[name], suite=suite)
+        )
+    if cfg.get("robustness_baseline"):
+        metrics.update(robustness.relative(metrics, cfg["robustness_baseline"]))
     metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
     metrics.update(reports.throughput())
     metrics["resumed_from_step"] = float(resumed_from)
@@ -276,9 +285,15 @@ def _evaluate(
     beat: stall.Beater,
     prefix: str,
     skipped_prefix: str,
+    suite: robustness.Suite | None = None,
 ) -> dict[str, float]:
-    """``<prefix>_accuracy`` and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped."""
+    """``<prefix>_accuracy`` and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped;
+    with a ``suite``, its corruption errors and flip rates on the same images."""
     model.eval()
+
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        return model(models.normalize(pixels, meta)).argmax(dim=1)
+
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     for batch in batches:
@@ -286,16 +301,24 @@ def _evaluate(
         ok = _count_skips(batch[noise.SKIP], skipped)
         if not bool(ok.any()):
             continue  # no collective call in this loop: ranks may skip different batches
-        pred = model(models.normalize(batch["pixels"][ok], meta)).argmax(dim=1)
-        counts[0] += (pred == batch["label"][ok]).sum()
+        pixels, labels = batch["pixels"][ok], batch["label"][ok]
+        pred = predict(pixels)
+        counts[0] += (pred == labels).sum()
         counts[1] += len(pred)
+        if suite is not None:
+            suite.update(predict, pixels, labels)
     if world > 1:
         dist.all_reduce(counts)
-    return {
+    out = {
         f"{prefix}_accuracy": float(counts[0]) / max(float(counts[1]), 1.0),
         f"{prefix}_images": float(counts[1]),
         **_skip_metrics(skipped, world, device, prefix=skipped_prefix),
     }
+    if suite is not None:
+        if world > 1:
+            dist.all_reduce(suite.counts)
+        out.update(robustness.Suite.metrics(suite.counts))
+    return out
 
 
 def _held_out_batches(name: str, device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
@@ -380,13 +403,15 @@ def train(
     code_version: str = "",
     progress_uri: str | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
+    robustness_baseline: dict[str, float] | None = None,
 ) -> TrainResult:
     """Fit a model on ``labeled`` (+ the curated manifest at ``pseudo_manifest_uri`` whose rows with copies
     number ``pseudo_rows``), evaluate it on ``eval_set`` and save it to ``model_uri``.
 
     Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint. Progress
     (phase, step of steps) is written to ``progress_uri`` every ``progress_seconds`` as the run goes. A run that
-    makes no progress for ``config.stall_timeout_s`` fails with ``stall.StallError``.
+    makes no progress for ``config.stall_timeout_s`` fails with ``stall.StallError``. The model's mCE and mFR
+    are relative to the metrics ``robustness_baseline`` (a baseline model's), when given.
     """
     meta = ModelMeta(
         **config.model_dump(include=set(ModelShape.model_fields)),
@@ -419,6 +444,7 @@ def train(
         "progress_uri": progress_uri,
         "progress_seconds": progress_seconds,
         "heartbeat": watchdog.handle,
+        "robustness_baseline": robustness_baseline,
         # MLflow, when MLFLOW_TRACKING_URI is set where the run starts (a job gets it from the control plane).
         "tracking": tracking_config(
             run_name,

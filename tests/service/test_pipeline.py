@@ -10,8 +10,8 @@ from curation import sources
 from curation.errors import UserError
 from service import digits, pipeline
 from service.specs import GenerationSpec
-from trainer import models
-from trainer.config import TrainConfig
+from trainer import models, robustness
+from trainer.config import FinetuneConfig, TrainConfig
 from trainer.models import ModelMeta
 
 
@@ -79,16 +79,40 @@ def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tm
     record = json.loads((tmp_path / "g1" / "generation.json").read_text())
     assert record["student"]["model_uri"] == str(tmp_path / "g1" / "model")
 
-    # the student's folder alone is enough to be the next teacher
+    # every trained model carries its corruption errors and flip rates on the test split
+    for m in (meta.metrics, result.student.metrics):
+        assert m["robustness_images"] == 200
+        assert all(0.0 <= m[f"corruption_error_{kind}"] <= 1.0 for kind in robustness.CORRUPTIONS)
+        assert all(0.0 <= m[f"flip_rate_{kind}"] <= 1.0 for kind in robustness.PERTURBATIONS)
+    # the student's robustness is relative to its teacher's when no baseline is named
+    assert result.student.metrics["mce"] == pytest.approx(
+        robustness.relative(result.student.metrics, meta.metrics)["mce"]
+    )
+
+    # the student's folder alone is enough to be the next teacher; this one is fine-tuned on labeled data last,
+    # and its robustness is relative to the first teacher
     model, next_meta = models.load(result.student.model_uri)
     assert isinstance(next_meta, ModelMeta) and not model.training
     spec2 = spec.model_copy(
-        update={"teacher": result.student.model_uri, "output": str(tmp_path / "g2"), "student": small(10)}
+        update={
+            "teacher": result.student.model_uri,
+            "output": str(tmp_path / "g2"),
+            "student": small(10),
+            "finetune": FinetuneConfig(steps=4),
+            "robustness_baseline": teacher.model_uri,
+        }
     )
     result2 = pipeline.run_generation(spec2, "g2")
     assert result2.teacher_uri == result.student.model_uri
     preds = pq.read_table(result2.labeling.predictions_uri, columns=["teacher"])
     assert set(preds.column("teacher").to_pylist()) == {result.student.model_uri}
+    assert result2.unfinetuned is not None and result2.unfinetuned.model_uri == str(tmp_path / "g2" / "student")
+    assert result2.student.model_uri == str(tmp_path / "g2" / "model")
+    tuned = models.load_meta(result2.student.model_uri)
+    assert tuned.config["init_from"] == result2.unfinetuned.model_uri
+    assert tuned.config["unlabeled_ratio"] == 0 and tuned.config["batch_size"] == 16 + 32
+    assert tuned.config["steps"] == 4 and tuned.config["lr"] == 3e-4
+    assert tuned.metrics["mce"] == pytest.approx(robustness.relative(tuned.metrics, meta.metrics)["mce"])
 
 
 def test_unknown_architecture_is_a_validation_error():

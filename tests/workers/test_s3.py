@@ -155,5 +155,5 @@ def test_a_generation_with_every_artifact_on_s3(ray_cluster, tmp_path):
     assert any(u.endswith("/state.pt") for u in storage.list_files(bucket + "/g1/checkpoints"))
 
     # training again resumes from the last checkpoint on S3: nothing is left to train
-    again = pipeline.student_stage(spec, result.dataset)
+    again, _ = pipeline.student_stage(spec, result.dataset)
     assert again.metrics["resumed_from_step"] == 6
