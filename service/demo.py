@@ -33,6 +33,8 @@ from workers.config import LabelConfig
 # Digits are 28 px grey strokes on black: 32 px inputs, normalised with the digits' own statistics.
 _IMAGE = dict(input_size=32, mean=(0.13, 0.13, 0.13), std=(0.31, 0.31, 0.31))
 ARCHITECTURE = "test_resnet"  # timm's 0.37M-parameter ResNet: fast enough for 2 CPU cores
+# Test images the corruption and perturbation suites run on: 96 forward passes each, 20 s a model on 2 cores.
+ROBUSTNESS_IMAGES = 500
 # Geometric ops fill with black, the digits' background.
 NOISE = NoiseConfig(
     randaugment_ops=2,
@@ -54,20 +56,25 @@ def teacher_config(seed: int, steps: int = 400) -> TrainConfig:
         noise=NOISE,
         warmup_steps=40,
         checkpoint_every=200,
+        robustness_images=ROBUSTNESS_IMAGES,
         seed=seed,
         **_IMAGE,
     )
 
 
 def student_config(seed: int, steps: int = 1000) -> TrainConfig:
+    # Hard labels (the teacher's top-1, smoothed): chosen on validation, where they beat soft labels at
+    # generation 1 (98% against 95%, seed 0); a wider student did not (95% against 95%).
     return TrainConfig(
         architecture=ARCHITECTURE,
         steps=steps,
         batch_size=16,
         unlabeled_ratio=3,
+        soft_targets=False,
         noise=NOISE,
         warmup_steps=100,
         checkpoint_every=250,
+        robustness_images=ROBUSTNESS_IMAGES,
         seed=seed,
         **_IMAGE,
     )

@@ -8,7 +8,8 @@ For each seed (which also changes which digits are labeled, validation and pool)
                    per step, all of them labeled
     no-noise       generation 1 with no input noise (RandAugment, crop, flip, erasing) and no model noise
                    (dropout, stochastic depth)
-    hard-labels    generation 1 on the teacher's top-1 (smoothed) instead of its soft labels
+    soft-labels    generation 1 on the teacher's soft labels instead of its top-1 (smoothed), the demo's choice
+                   (hard-labels when the students are on soft labels)
     no-balancing   generation 1 on every pseudo-label over the floor once, classes not balanced
     larger         generation 1 with a student wider than its teacher (``LARGER``)
 
@@ -37,7 +38,12 @@ from workers.curate import curate
 # The generation-1 variant with a student wider than the teacher: test_resnet's widths times two.
 LARGER = {"channels": [64, 96, 96, 192]}
 NO_NOISE = NoiseConfig(randaugment_ops=0, randaugment_magnitude=0, randaugment_magnitude_std=0, dropout=0, drop_path=0)
-ARMS = ("teacher", "supervised", "no-noise", "hard-labels", "no-balancing", "larger")
+ARMS = ("teacher", "supervised", "no-noise", "soft-labels", "no-balancing", "larger")  # with the demo's students
+
+
+def labels_arm(student: TrainConfig) -> str:
+    """The generation-1 variant on the other kind of targets than the chain's."""
+    return "hard-labels" if student.soft_targets else "soft-labels"
 
 
 class Arm(BaseModel):
@@ -111,7 +117,9 @@ def _seed(
     gen1 = demo.generation_spec(data, teacher.model_uri, "", seed, demo.student_config(seed + 1, student_steps))
     variants = {
         "no-noise": gen1.model_copy(update={"student": gen1.student.model_copy(update={"noise": NO_NOISE})}),
-        "hard-labels": gen1.model_copy(update={"student": gen1.student.model_copy(update={"soft_targets": False})}),
+        labels_arm(gen1.student): gen1.model_copy(
+            update={"student": gen1.student.model_copy(update={"soft_targets": not gen1.student.soft_targets})}
+        ),
         "no-balancing": gen1.model_copy(update={"curation": gen1.curation.model_copy(update={"balance": False})}),
         "larger": gen1.model_copy(update={"student": gen1.student.model_copy(update={"model_kwargs": LARGER})}),
     }
