@@ -52,6 +52,15 @@ def test_demo_splits_are_disjoint_and_sized(data):
     assert pq.read_table(data["unlabeled_truth"]).num_rows == pool.num_rows
 
 
+def test_the_seed_changes_which_digits_are_labeled(data, tmp_path):
+    other = digits.write(str(tmp_path), labeled_per_class=5, test_per_class=20, seed=1)
+
+    def labeled(paths):
+        return {os.path.basename(u) for u in sources.labeled_source(paths["labeled"])[0].column("uri").to_pylist()}
+
+    assert len(labeled(other)) == len(labeled(data)) == 50 and labeled(other) != labeled(data)
+
+
 def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tmp_path):
     teacher = pipeline.train_teacher(small(30), labeled=data["labeled"], eval=data["test"], output=str(tmp_path / "g0"))
     meta = models.load_meta(teacher.model_uri)
