@@ -248,20 +248,16 @@ def student_stage(spec: GenerationSpec, dataset: DatasetStats) -> tuple[TrainRes
     return run(spec.finetune.of(spec.student, student.model_uri), model_uri=layout.model, run_name="finetune"), student
 
 
-def robustness_baseline(spec: GenerationSpec) -> dict[str, float] | None:
-    """The metrics of the model the student's robustness is relative to: the spec's baseline, else its teacher
-    (the control plane names the chain's first teacher). None, with a warning, when that folder has no
-    corruption errors (a model imported rather than trained here)."""
+def robustness_baseline(spec: GenerationSpec) -> str:
+    """The model folder the student's robustness is relative to: the spec's baseline, else its teacher (the
+    control plane names the chain's first teacher)."""
     uri = spec.robustness_baseline or teacher_of(spec)
     check_readable("robustness_baseline", uri, spec.roots)
     try:
-        metrics = models.load_meta(uri).metrics
+        models.load_meta(uri)
     except (OSError, ValueError) as e:
         raise UserError(f"robustness_baseline {uri}: not a model folder ({e})") from None
-    if "corruption_error" not in metrics:
-        log.warning("robustness baseline %s has no corruption errors: no mCE or mFR", uri)
-        return None
-    return metrics
+    return uri
 
 
 def run_generation(spec: GenerationSpec, generation_id: str, progress: Progress = log.info) -> GenerationResult:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -65,6 +67,19 @@ def normalize(pixels: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     mean = torch.tensor(meta.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(meta.std, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+
+def predictor(model: torch.nn.Module, meta: ModelMeta) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The top-1 class of uint8 NHWC pixels under ``model``, resized first to its input size if they are not."""
+
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[1:3] != (meta.input_size, meta.input_size):
+            x = pixels.permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=(meta.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            pixels = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return model(normalize(pixels, meta)).argmax(dim=1)
+
+    return predict
 
 
 def describe(meta: ModelMeta) -> str:

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -45,6 +45,7 @@ EVAL_BATCH_SIZE = 256
 # Validation is the split to choose settings on; test is only reported.
 HELD_OUT = {"validation": ("validation", "validation_skipped"), "eval": ("test", "eval_skipped")}
 T = TypeVar("T")
+Predict = Callable[[torch.Tensor], torch.Tensor]  # uint8 NHWC pixels -> top-1 classes
 # Steps left out of the steady-state throughput: the first batches wait for the data streams to fill.
 STEADY_AFTER_STEPS = 5
 
@@ -105,17 +106,28 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
 
     reports.phase(Phase.EVALUATING, step)
     metrics = {}
+    baseline = cfg.get("robustness_baseline") or {}
     for name, batches in held_out.items():
         # The test split also runs the corruption and perturbation suites (the same seed for every model, so
-        # that models evaluated on the same batches see the same corrupted images).
-        suite = None
+        # that models evaluated on the same batches see the same corrupted images); and the baseline model's
+        # when its folder has no corruption errors of its own (a model imported rather than trained here).
+        suites: list[tuple[robustness.Suite, Predict]] = []
         if name == "eval" and config.robustness_images:
-            suite = robustness.Suite(device, max_images=-(-config.robustness_images // world))
+            cap = -(-config.robustness_images // world)
+            suites.append((robustness.Suite(device, max_images=cap), models.predictor(state.ema.module, meta)))
+            if baseline.get("uri"):
+                base_model, base_meta = models.load(baseline["uri"])
+                base_model = base_model.to(device, memory_format=torch.channels_last)
+                suites.append((robustness.Suite(device, max_images=cap), models.predictor(base_model, base_meta)))
         metrics.update(
-            _evaluate(state.ema.module, meta, device, world, batches, reports.beat, *HELD_OUT[name], suite=suite)
+            _evaluate(state.ema.module, meta, device, world, batches, reports.beat, *HELD_OUT[name], suites=suites)
         )
-    if cfg.get("robustness_baseline"):
-        metrics.update(robustness.relative(metrics, cfg["robustness_baseline"]))
+        if len(suites) > 1:
+            baseline["metrics"] = robustness.Suite.metrics(suites[1][0].counts)
+    if baseline.get("metrics"):
+        metrics.update(robustness.relative(metrics, baseline["metrics"]))
+        if baseline.get("uri"):
+            metrics.update({f"baseline_{k}": baseline["metrics"][k] for k in ("corruption_error", "flip_rate")})
     metrics.update(_skip_metrics(skipped, world, device, prefix="skipped"))
     metrics.update(reports.throughput())
     metrics["resumed_from_step"] = float(resumed_from)
@@ -285,14 +297,13 @@ def _evaluate(
     beat: stall.Beater,
     prefix: str,
     skipped_prefix: str,
-    suite: robustness.Suite | None = None,
+    suites: Sequence[tuple[robustness.Suite, Predict]] = (),
 ) -> dict[str, float]:
-    """``<prefix>_accuracy`` and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped;
-    with a ``suite``, its corruption errors and flip rates on the same images."""
+    """``<prefix>_accuracy`` and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped.
+    Each of ``suites`` runs on the same images with its predictor; the first one's corruption errors and flip
+    rates are the model's (all of them are reduced over the workers)."""
     model.eval()
-
-    def predict(pixels: torch.Tensor) -> torch.Tensor:
-        return model(models.normalize(pixels, meta)).argmax(dim=1)
+    predict = models.predictor(model, meta)
 
     counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
@@ -305,8 +316,8 @@ def _evaluate(
         pred = predict(pixels)
         counts[0] += (pred == labels).sum()
         counts[1] += len(pred)
-        if suite is not None:
-            suite.update(predict, pixels, labels)
+        for suite, suite_predict in suites:
+            suite.update(suite_predict, pixels, labels)
     if world > 1:
         dist.all_reduce(counts)
     out = {
@@ -314,10 +325,11 @@ def _evaluate(
         f"{prefix}_images": float(counts[1]),
         **_skip_metrics(skipped, world, device, prefix=skipped_prefix),
     }
-    if suite is not None:
+    for suite, _ in suites:
         if world > 1:
             dist.all_reduce(suite.counts)
-        out.update(robustness.Suite.metrics(suite.counts))
+    if suites:
+        out.update(robustness.Suite.metrics(suites[0][0].counts))
     return out
 
 
@@ -403,7 +415,7 @@ def train(
     code_version: str = "",
     progress_uri: str | None = None,
     progress_seconds: float = PROGRESS_SECONDS,
-    robustness_baseline: dict[str, float] | None = None,
+    robustness_baseline: str | None = None,
 ) -> TrainResult:
     """Fit a model on ``labeled`` (+ the curated manifest at ``pseudo_manifest_uri`` whose rows with copies
     number ``pseudo_rows``), evaluate it on ``eval_set`` and save it to ``model_uri``.
@@ -411,7 +423,8 @@ def train(
     Re-running with the same ``storage_path`` and ``run_name`` resumes from the last checkpoint. Progress
     (phase, step of steps) is written to ``progress_uri`` every ``progress_seconds`` as the run goes. A run that
     makes no progress for ``config.stall_timeout_s`` fails with ``stall.StallError``. The model's mCE and mFR
-    are relative to the metrics ``robustness_baseline`` (a baseline model's), when given.
+    are relative to the model folder ``robustness_baseline``, when given: to the corruption errors and flip rates
+    in its metrics, or, where it has none, to its own evaluation on the same corrupted images.
     """
     meta = ModelMeta(
         **config.model_dump(include=set(ModelShape.model_fields)),
@@ -444,7 +457,7 @@ def train(
         "progress_uri": progress_uri,
         "progress_seconds": progress_seconds,
         "heartbeat": watchdog.handle,
-        "robustness_baseline": robustness_baseline,
+        "robustness_baseline": _baseline(robustness_baseline),
         # MLflow, when MLFLOW_TRACKING_URI is set where the run starts (a job gets it from the control plane).
         "tracking": tracking_config(
             run_name,
@@ -467,6 +480,15 @@ def train(
     return TrainResult(
         model_uri=model_uri, metrics=saved.metrics, parameters=meta.parameters, seconds=time.time() - started
     )
+
+
+def _baseline(uri: str | None) -> dict[str, Any] | None:
+    """What the workers compare the model's robustness with: the baseline's metrics when its folder has them,
+    else its URI, for the workers to evaluate it too."""
+    if uri is None:
+        return None
+    metrics = models.load_meta(uri).metrics
+    return {"metrics": metrics} if "corruption_error" in metrics else {"uri": uri}
 
 
 def check_init_from(config: TrainConfig, class_names: list[str]) -> None:
