@@ -15,7 +15,7 @@ import pytest
 from curation import storage
 from curation.layout import ErrorKind, JobError, Layout, Phase, write_progress
 from service.control import ControlPlane
-from service.errors import Conflict
+from service.errors import Conflict, InvalidRequest
 from service.jobs import JobState, RayUnavailable
 from service.orchestrator import Orchestrator
 from service.principals import DEFAULT, Principal, Principals, Role
@@ -235,6 +235,26 @@ def test_a_chain_waits_for_its_teacher_and_takes_its_model(world):
     g = world.get(second)
     assert g.state == Stage.LABELING and g.teacher_uri == world.get(first).model_uri
     assert JobKind.TEACHER not in g.jobs
+    # each student's robustness is relative to the chain's first teacher, not to its own
+    for gid in (first, second):
+        spec = json.loads(open(Layout(world.get(gid).output).spec).read())
+        assert spec["robustness_baseline"] == Layout(world.get(first).output).teacher_model
+
+
+def test_a_named_robustness_baseline_is_checked_and_used_by_every_generation(world, tmp_path):
+    with pytest.raises(InvalidRequest, match="robustness_baseline: .* is not under an allowed source root"):
+        world.post(robustness_baseline=str(tmp_path))
+    with pytest.raises(InvalidRequest, match="robustness_baseline: .* is not a model folder"):
+        world.post(robustness_baseline=str(world.sources / "labeled"))
+    baseline = world.sources / "baseline"
+    _model(str(baseline), accuracy=0.7)
+    first, second = world.post(iterations=2, robustness_baseline=str(baseline), teacher=str(baseline))
+    world.tick()
+    for kind in (JobKind.LABEL, JobKind.TRAIN):
+        world.finish(first, kind)
+        world.tick()
+    for gid in (first, second):
+        assert json.loads(open(Layout(world.get(gid).output).spec).read())["robustness_baseline"] == str(baseline)
 
 
 def test_an_infrastructure_failure_is_retried_and_resumes_the_same_job(world):
