@@ -40,9 +40,20 @@ S3_MAX_POOL_CONNECTIONS = 64
 DEFAULT_READ_CONCURRENCY = 16
 
 
+# Runs of a Ray task that reads images after the first when the store fails it (StorageUnavailable): with about
+# 25 s of client retries per run, an outage of about two minutes is ridden out. Labeling's decode tasks and
+# training's data tasks both take it.
+TASK_RETRIES = 4
+
+
 class StorageUnavailable(OSError):
     """The store failed a request after every retry (throttling, 5xx, broken connections, timeouts): a fault
     of the infrastructure, never of one object."""
+
+
+# The Ray options of a task that reads images: run it again when the store, not the task, failed (other errors
+# are bugs: not retried).
+RETRY_ON_STORE: dict[str, Any] = {"retry_exceptions": [StorageUnavailable], "max_retries": TASK_RETRIES}
 
 
 def is_object_error(e: BaseException) -> bool:

@@ -101,6 +101,7 @@ def stream(
             batch_size=PREPARE_BATCH_SIZE,
             fn_kwargs={"config": config, "num_classes": num_classes, "noised": True},
             num_cpus=DATA_CPUS,
+            **storage.RETRY_ON_STORE,
         )
     )
 
@@ -116,6 +117,7 @@ def evaluation(
         batch_size=PREPARE_BATCH_SIZE,
         fn_kwargs={"config": config, "num_classes": num_classes, "noised": False},
         num_cpus=DATA_CPUS,
+        **storage.RETRY_ON_STORE,
     )
 
 
@@ -158,6 +160,7 @@ def _by_container(
             batch_format="pyarrow",
             fn_kwargs={"config": config, "num_classes": num_classes, "noised": noised},
             num_cpus=DATA_CPUS,
+            **storage.RETRY_ON_STORE,
         )
     )
 

@@ -67,9 +67,6 @@ READ_CPUS = 0.25
 # with a whole CPU per task (Ray's default), a teacher actor holding half a CPU left every decode and write task
 # pending, forever. Tasks and actors still use every core they find: this is the scheduler's bookkeeping only.
 DECODE_CPUS = 0.5
-# Runs of a decode task after the first when the store fails it (storage.StorageUnavailable): with about 25 s of
-# client retries per run, an outage of about two minutes is ridden out.
-DECODE_TASK_RETRIES = 4
 WRITE_CPUS = 0.25
 
 
@@ -554,8 +551,7 @@ def _labeling_dataset(
         # A store still failing after its client's retries fails the task, not its images; Ray runs it again a
         # few times (each run retries every request again, about 25 s on a store that is down) before the job
         # fails. Other errors are bugs: not retried.
-        retry_exceptions=[storage.StorageUnavailable],
-        max_retries=DECODE_TASK_RETRIES,
+        **storage.RETRY_ON_STORE,
     )
     labeled = ds.map_batches(
         TeacherPredictor,

@@ -128,7 +128,7 @@ def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tm
     assert tuned.config["steps"] == 4 and tuned.config["lr"] == 3e-4
     for key in ("corruption_error", "flip_rate"):  # the same model on the same test images, the same suites
         assert tuned.metrics[f"baseline_{key}"] == pytest.approx(meta.metrics[key], abs=0.03)
-    assert 0 < tuned.metrics["mce"] and 0 < tuned.metrics["mfr"]
+    assert tuned.metrics["mce"] > 0 and tuned.metrics["mfr"] >= 0  # a model that never flips has 0
 
 
 def test_unknown_architecture_is_a_validation_error():
