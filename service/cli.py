@@ -98,6 +98,7 @@ def experiment(
     generations: int = typer.Option(3, min=1, help="noisy-student generations after the teacher"),
     teacher_steps: int = typer.Option(400, min=1),
     student_steps: int = typer.Option(1000, min=1),
+    robustness_images: int = typer.Option(500, min=0, help="test images each model's robustness suites run on"),
     ray_address: str = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster; default: a new local one"),
 ) -> None:
     """Compare the demo's students with a budget-matched supervised baseline and with the paper's ablations
@@ -115,6 +116,7 @@ def experiment(
         generations=generations,
         teacher_steps=teacher_steps,
         student_steps=student_steps,
+        robustness_images=robustness_images,
         progress=show,
     )
     lines = experiment_lib.table(rows)

@@ -66,21 +66,34 @@ def run(
     generations: int = 3,
     teacher_steps: int = 400,
     student_steps: int = 1000,
+    robustness_images: int = demo.ROBUSTNESS_IMAGES,
     progress: Callable[[str], None] = print,
 ) -> list[Arm]:
-    """Run every arm for every seed under ``out``; write ``experiment.json`` and return the rows."""
+    """Run every arm for every seed under ``out``; write ``experiment.json`` and return the rows. Each model's
+    robustness suites run on ``robustness_images`` test images."""
     out = os.path.abspath(out)
     rows: list[Arm] = []
     for seed in seeds:
-        rows += _seed(os.path.join(out, f"seed-{seed}"), seed, generations, teacher_steps, student_steps, progress)
+        steps = {"teacher": teacher_steps, "student": student_steps}
+        rows += _seed(os.path.join(out, f"seed-{seed}"), seed, generations, steps, robustness_images, progress)
         with open(os.path.join(out, "experiment.json"), "w") as f:  # after each seed: a partial run is readable
             json.dump([r.model_dump() for r in rows], f, indent=2)
     return rows
 
 
 def _seed(
-    out: str, seed: int, generations: int, teacher_steps: int, student_steps: int, progress: Callable[[str], None]
+    out: str,
+    seed: int,
+    generations: int,
+    steps: dict[str, int],
+    robustness_images: int,
+    progress: Callable[[str], None],
 ) -> list[Arm]:
+    student_steps = steps["student"]
+
+    def student_config(seed: int) -> TrainConfig:
+        return demo.student_config(seed, student_steps, robustness_images)
+
     data = digits.write(os.path.join(out, "data"), seed=seed)
     results: dict[str, tuple[TrainResult, float, int]] = {}  # arm -> (result, seconds, steps)
 
@@ -94,7 +107,7 @@ def _seed(
         results[arm] = result, time.time() - t, config.steps
         return result
 
-    teacher = fit("teacher", demo.teacher_config(seed, teacher_steps))
+    teacher = fit("teacher", demo.teacher_config(seed, steps["teacher"], robustness_images))
 
     def generation(arm: str, teacher_uri: str, student: TrainConfig, **changes: Any) -> pipeline.GenerationResult:
         progress(f"seed {seed}: {arm}")
@@ -105,16 +118,16 @@ def _seed(
         return result
 
     model_uri, first = teacher.model_uri, None
-    student = demo.student_config(seed, student_steps)
+    student = student_config(seed)
     for g in range(1, generations + 1):
-        student = demo.student_config(seed + g, student_steps)
+        student = student_config(seed + g)
         made = generation(f"student-{g}", model_uri, student)
         model_uri, first = made.student.model_uri, first or made
     assert first is not None
     fit("supervised", demo.supervised_config(student))
 
     # Generation-1 variants: the same teacher and labels as student-1.
-    gen1 = demo.generation_spec(data, teacher.model_uri, "", seed, demo.student_config(seed + 1, student_steps))
+    gen1 = demo.generation_spec(data, teacher.model_uri, "", seed, student_config(seed + 1))
     variants = {
         "no-noise": gen1.model_copy(update={"student": gen1.student.model_copy(update={"noise": NO_NOISE})}),
         labels_arm(gen1.student): gen1.model_copy(
@@ -143,7 +156,7 @@ def _seed(
 
     baseline = results["supervised"][0].metrics
     arms = []
-    for arm, (result, seconds, steps) in results.items():
+    for arm, (result, seconds, arm_steps) in results.items():
         m = result.metrics
         relative = robustness.relative(m, baseline)
         arms.append(
@@ -151,7 +164,7 @@ def _seed(
                 seed=seed,
                 arm=arm,
                 parameters=result.parameters,
-                steps=steps,
+                steps=arm_steps,
                 validation_accuracy=m["validation_accuracy"],
                 test_accuracy=m["test_accuracy"],
                 mce=relative.get("mce"),

@@ -11,7 +11,7 @@ from service.cli import app
 
 def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     args = ["--out", str(tmp_path), "--seed", "3", "--generations", "1", "--teacher-steps", "60"]
-    result = CliRunner().invoke(app, ["experiment", *args, "--student-steps", "4"])
+    result = CliRunner().invoke(app, ["experiment", *args, "--student-steps", "4", "--robustness-images", "40"])
     assert result.exit_code == 0, result.output
 
     rows = [experiment.Arm(**r) for r in json.loads((tmp_path / "experiment.json").read_text())]
@@ -26,6 +26,10 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     assert arms["supervised"].parameters == arms["student-1"].parameters
     assert arms["supervised"].steps == arms["student-1"].steps == 4
     assert arms["larger"].parameters > arms["student-1"].parameters
+
+    # the robustness suites ran on the 40 test images asked for
+    supervised = json.loads((tmp_path / "seed-3" / "supervised" / "model" / "model.json").read_text())
+    assert supervised["metrics"]["robustness_images"] == 40
 
     lines = {line["arm"]: line for line in json.loads((tmp_path / "table.json").read_text())}
     assert lines["student-1"]["gain_over_supervised"] == pytest.approx(
