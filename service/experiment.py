@@ -109,16 +109,15 @@ def _seed(
 
     teacher = fit("teacher", demo.teacher_config(seed, steps["teacher"], robustness_images))
 
-    def generation(arm: str, teacher_uri: str, student: TrainConfig, **changes: Any) -> pipeline.GenerationResult:
+    def generation(arm: str, teacher_uri: str, student: TrainConfig) -> pipeline.GenerationResult:
         progress(f"seed {seed}: {arm}")
         t = time.time()
-        spec = demo.generation_spec(data, teacher_uri, os.path.join(out, arm), seed, student, **changes)
+        spec = demo.generation_spec(data, teacher_uri, os.path.join(out, arm), seed, student)
         result = pipeline.run_generation(spec, arm, progress=progress)
         results[arm] = result.student, time.time() - t, student.steps
         return result
 
     model_uri, first = teacher.model_uri, None
-    student = student_config(seed)
     for g in range(1, generations + 1):
         student = student_config(seed + g)
         made = generation(f"student-{g}", model_uri, student)
