@@ -45,14 +45,15 @@ from pydantic import BaseModel, Field
 
 from curation import access, imaging, schema, sources, storage
 from curation.layout import LABELING_PROGRESS, PROGRESS_SECONDS
+from trainer.meta import load_meta
 from workers import ledger, watchdog
 from workers.config import LabelConfig
 
-# torch and timm (trainer.models) are imported where a model is used, in the actors and the driver, never at
-# module level: every read, decode and write task imports this module, and importing them takes a new worker
-# process 5 s of CPU and 1 GB of memory on a small node (docs/benchmarks.md).
+# torch and timm (trainer.models) are imported only where a model runs, in the teacher actors: every read,
+# decode and write task and the job's driver import this module, and importing them takes a process 4 s of CPU
+# and 1 GB of memory on a small node (docs/benchmarks.md). The driver reads model.json with trainer.meta.
 if TYPE_CHECKING:
-    from trainer.models import ModelMeta
+    from trainer.meta import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -413,13 +414,11 @@ def label(
     With ``roots``, the source, the model and every image must lie under one of them: an image that does not is
     rejected as ``outside_roots`` and never opened (``curation.access``).
     """
-    from trainer import models
-
     config = config or LabelConfig()
     policy = access.ReadPolicy(tuple(roots) if roots is not None else None, config.decode.max_file_bytes)
     policy.require("the source", source_uri)
     policy.require("the teacher", model_uri)
-    meta = models.load_meta(model_uri)
+    meta = load_meta(model_uri)
     fmt = sources.resolve_format(source_uri, source_format)
     ledger.open_run(out_uri, _run_record(source_uri, fmt, model_uri, teacher_id, config), restart=restart)
     plan = _plan(source_uri, fmt, out_uri, config)

@@ -50,6 +50,7 @@ from curation.layout import (
     SOURCE_SHARDS,
     STAGING,
 )
+from trainer.meta import META, WEIGHTS
 
 # Threads reading ledger entries and committed files' ids when a job resumes (small objects, I/O bound).
 READ_THREADS = 16
@@ -215,10 +216,8 @@ def source_version(source_uri: str, fmt: sources.SourceFormat | None = None) -> 
 
 def model_version(model_uri: str) -> str:
     """model.json (architecture, classes, metrics, training config) and the size of the weights."""
-    from trainer import models  # torch only where a model is involved
-
-    fs, path = storage.resolve(storage.join(model_uri, models.WEIGHTS))
-    return fingerprint(storage.read_bytes(storage.join(model_uri, models.META)).decode(), fs.get_file_info(path).size)
+    fs, path = storage.resolve(storage.join(model_uri, WEIGHTS))
+    return fingerprint(storage.read_bytes(storage.join(model_uri, META)).decode(), fs.get_file_info(path).size)
 
 
 def open_run(out_uri: str, run: dict[str, Any], *, restart: bool = False) -> bool:

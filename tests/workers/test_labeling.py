@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -118,3 +122,26 @@ def test_top_k_zero_keeps_the_teacher_s_full_distribution(tmp_path, teacher):
     assert all(sorted(c) == list(range(num_classes)) for c in classes)
     top2 = TeacherPredictor(teacher, "t", top_k=2, torch_threads=1)(batch)
     assert top2.column("topk_classes").to_pylist() == [c[:2] for c in classes]
+
+
+def test_the_jobs_driver_never_imports_torch(tmp_path, teacher):
+    """A labeling job's driver plans and commits without torch or timm (4 s of CPU before the first batch on a
+    small node): only the teacher actors load the model. Its own process and cluster, so nothing is imported
+    beforehand."""
+    good, _ = write_pool(str(tmp_path / "pool"), good=6)
+    temp_dir = tempfile.mkdtemp(prefix="nst-drv-", dir="/tmp")  # Ray's socket paths must stay short
+    code = (
+        "import sys\n"
+        "from service import cluster\n"
+        "from workers.labeling import label\n"
+        f"cluster.connect('local', num_cpus=1, temp_dir={temp_dir!r})\n"
+        f"result = label({str(tmp_path / 'pool')!r}, {teacher!r}, {str(tmp_path / 'labels')!r})\n"
+        "print(result.predicted, sorted(m for m in ('torch', 'timm') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[-2] == "6 []"
