@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from curation import shards, sources, storage
+from curation import shards, sources, storage, tables
 from trainer import noise as noise_lib
 from trainer.config import TrainConfig
 
@@ -122,8 +122,7 @@ def evaluation(
 
 
 def read_manifest(uri: str, columns: list[str]) -> ray.data.Dataset:
-    fs, path = storage.resolve(uri)
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns, num_cpus=DATA_CPUS)
+    return tables.read(uri, columns, num_cpus=DATA_CPUS)
 
 
 def names_members(uris: pa.Array | pa.ChunkedArray) -> bool:

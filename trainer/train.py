@@ -577,4 +577,7 @@ def _trainer(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
         datasets=datasets,
+        # One worker: each stream runs in the worker's own process. Split between workers, every stream would
+        # start a split coordinator first (an actor: a new process, seconds of a small node's CPU each).
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if config.workers > 1 else []),
     )

@@ -4,10 +4,10 @@ Pass 1 sums per-class confidence histograms; only (classes x 100) counts per rea
 Pass 2 assigns copies per row (a pure function of the row, the plan and the seed), writes the manifest,
 and sums what was written per class.
 
-The Parquet files are read by our own tasks, each streaming whole files in batches of BATCH_ROWS rows, rather
-than by ``ray.data.read_parquet``: Ray 2.60's reader first reads every footer on a pool of 32 actors (a
-process each, even on a 2-CPU node) and bin-packs row groups into 128 MiB blocks, which on a small node
-doubles the peak memory and halves the throughput (docs/benchmarks.md).
+The Parquet files are read by the project's own tasks (``curation.tables``), each streaming whole files in
+tables of ``tables.BATCH_ROWS`` rows, rather than by ``ray.data.read_parquet``: Ray 2.60's reader first reads
+every footer on a pool of 32 actors (a process each, even on a 2-CPU node) and bin-packs row groups into
+128 MiB blocks, which on a small node doubles the peak memory and halves the throughput (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,77 +16,17 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
-from curation import balance, storage
+from curation import balance, storage, tables
 from curation.balance import CurationConfig
 from curation.layout import MANIFEST, STATS
 from curation.stats import ClassStats, DatasetStats, config_hash
 
-# On-disk bytes of Parquet read by one task (whole files): a few hundred tasks for hundreds of millions of rows.
-READ_UNIT_BYTES = 32 << 20
-# Rows a task holds and transforms at a time (about 6 MB of predictions), whatever the files' row groups.
-BATCH_ROWS = 65_536
-
-
-def _read_units(uri: str) -> list[list[str]]:
-    """The ``*.parquet`` files under ``uri`` (or the file itself), in order, grouped into read units of about
-    READ_UNIT_BYTES."""
-    fs, path = storage.resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-        infos = sorted(
-            (i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
-            key=lambda i: i.path,
-        )
-    prefix = uri.split("://", 1)[0] + "://" if storage.is_remote(uri) else ""
-    units: list[list[str]] = []
-    size = READ_UNIT_BYTES
-    for i in infos:
-        if size + (i.size or 0) > READ_UNIT_BYTES and (not units or units[-1]):
-            units.append([])
-            size = 0
-        units[-1].append(prefix + i.path)
-        size += i.size or 0
-    return units
-
-
-def _tables(files: list[str], columns: list[str] | None) -> Iterator[pa.Table]:
-    """The rows of ``files`` in tables of about BATCH_ROWS rows (small row groups are gathered)."""
-    parts, rows = [], 0
-    for uri in files:
-        fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                parts.append(batch)
-                rows += batch.num_rows
-                if rows >= BATCH_ROWS:
-                    yield pa.Table.from_batches(parts)
-                    parts, rows = [], 0
-    if parts:
-        yield pa.Table.from_batches(parts)
-
-
-def _over_units(units: list[list[str]], fn, **fn_kwargs) -> ray.data.Dataset:
-    """One task per read unit, calling ``fn(files_of_the_unit, **fn_kwargs)``."""
-
-    def call(batch: dict[str, np.ndarray]):
-        for i in batch["id"]:
-            yield from fn(units[int(i)], **fn_kwargs)
-
-    return ray.data.range(len(units), override_num_blocks=len(units)).map_batches(
-        call, batch_size=1, batch_format="numpy"
-    )
-
 
 def _unit_histogram(files: list[str], *, num_classes: int) -> Iterator[pa.Table]:
     hist = np.zeros((num_classes, balance.NUM_BINS), dtype=np.int64)
-    for table in _tables(files, ["label", "confidence"]):
+    for table in tables.tables(files, ["label", "confidence"]):
         hist += balance.class_histogram(
             table.column("label").to_numpy(), table.column("confidence").to_numpy(), num_classes
         )
@@ -94,7 +34,7 @@ def _unit_histogram(files: list[str], *, num_classes: int) -> Iterator[pa.Table]
 
 
 def _unit_manifest(files: list[str], *, plan: balance.Plan, seed: int) -> Iterator[pa.Table]:
-    for table in _tables(files, None):
+    for table in tables.tables(files, None):
         kept = balance.assign_copies(table, plan, seed)
         if kept.num_rows:
             yield kept
@@ -104,7 +44,7 @@ def _unit_written(files: list[str], *, num_classes: int) -> Iterator[pa.Table]:
     kept = np.zeros(num_classes, dtype=np.int64)
     rows = np.zeros(num_classes, dtype=np.int64)
     digest = 0
-    for table in _tables(files, ["image_id", "label", "copies"]):
+    for table in tables.tables(files, ["image_id", "label", "copies"]):
         labels = table.column("label").to_numpy().astype(np.int64)
         copies = table.column("copies").to_numpy()
         kept += np.bincount(labels, minlength=num_classes)
@@ -147,7 +87,7 @@ def curate(
     """Filter and balance ``predictions_uri`` into ``<out>/manifest``; write ``<out>/stats.json``."""
     config = config or CurationConfig()
     num_classes = len(class_names)
-    units = _read_units(predictions_uri)  # none when every image was rejected: an empty manifest
+    units = tables.read_units(predictions_uri)  # none when every image was rejected: an empty manifest
     hist = _histogram(units, num_classes)
     plan = balance.plan(hist, config)
     manifest_uri = storage.join(out_uri, MANIFEST)
@@ -180,7 +120,7 @@ def _histogram(units: list[list[str]], num_classes: int) -> np.ndarray:
     """Pass 1: the confidence histogram of each predicted class, summed over the prediction files."""
     if not units:
         return np.zeros((num_classes, balance.NUM_BINS), dtype=np.int64)
-    blocks = _over_units(units, _unit_histogram, num_classes=num_classes)
+    blocks = tables.over_units(units, _unit_histogram, num_classes=num_classes)
     return _sum_blocks(blocks, {"hist": (num_classes, balance.NUM_BINS)})["hist"]
 
 
@@ -190,16 +130,16 @@ def _write_manifest(units: list[list[str]], manifest_uri: str, plan: balance.Pla
     mfs, mpath = storage.resolve(manifest_uri)
     mfs.delete_dir_contents(mpath, missing_dir_ok=True)
     if units:
-        _over_units(units, _unit_manifest, plan=plan, seed=seed).write_parquet(mpath, filesystem=mfs)
+        tables.over_units(units, _unit_manifest, plan=plan, seed=seed).write_parquet(mpath, filesystem=mfs)
 
 
 def _count_written(manifest_uri: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Pass 3, over what was written: rows and copies per class, and the manifest's order-free digest."""
-    written_units = _read_units(manifest_uri)
+    written_units = tables.read_units(manifest_uri)
     if not written_units:  # nothing passed the floor: an empty manifest, reported as such
         return np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64), 0
     sums = _sum_blocks(
-        _over_units(written_units, _unit_written, num_classes=num_classes),
+        tables.over_units(written_units, _unit_written, num_classes=num_classes),
         {"kept": (num_classes,), "copies": (num_classes,), "digest": ()},
     )
     return sums["kept"], sums["copies"], int(sums["digest"])
