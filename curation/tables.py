@@ -8,6 +8,7 @@ row groups into 128 MiB blocks, which on a small node doubles the peak memory (d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 import ray
 
 from curation import storage
+
+log = logging.getLogger(__name__)
 
 # On-disk bytes of Parquet read by one task (whole files): a few hundred tasks for hundreds of millions of rows.
 READ_UNIT_BYTES = 32 << 20
@@ -86,3 +89,18 @@ def read(uri: str, columns: list[str], *, num_cpus: float = 1) -> ray.data.Datas
     if not units:
         raise FileNotFoundError(f"no Parquet file under {uri}")
     return over_units(units, tables, num_cpus=num_cpus, columns=columns)
+
+
+def repartition(ds: ray.data.Dataset, rows: int, *, num_cpus: float) -> ray.data.Dataset:
+    """``ds`` cut into blocks of ``rows`` rows as they stream (fused into the stage before it), so that the next
+    stage runs one task per block, in parallel, each handing its output on when it ends. Its tasks reserve
+    ``num_cpus``: Ray Data 2.60's ``repartition`` takes no resource arguments, and would reserve a whole CPU."""
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    out = ds.repartition(target_num_rows_per_block=rows)
+    op = getattr(getattr(out, "_logical_plan", None), "dag", None)
+    if isinstance(op, StreamingRepartition):
+        op.ray_remote_args["num_cpus"] = num_cpus
+    else:  # a Ray Data that plans repartition differently: its default reservation applies
+        log.warning("cannot size the repartition stage's tasks (%s)", type(op).__name__)
+    return out

@@ -78,15 +78,17 @@ def _fit(cfg: dict[str, Any], tracker: Tracker) -> None:
     if device.type == "cpu":
         torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(config.seed + rank)
+    # Every stream starts first, in threads: their tasks' processes start while the model is built.
+    batches = _batches(config, cfg["has_pseudo"], device)
+    held_out = {name: _Prefetched(partial(_held_out_batches, name, device)) for name in cfg["held_out"]}
     state = _State(config, meta, device)
     resumed_from = state.resume(ray.train.get_checkpoint(), device)
     model = ray.train.torch.prepare_model(state.model, move_to_device=False)
     reports = _Reports(cfg, rank, world, config.steps, resumed_from)
-    held_out = {name: _Prefetched(partial(_held_out_batches, name, device)) for name in cfg["held_out"]}
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     step, loss_sum = resumed_from, 0.0
     model.train()
-    for parts in _batches(config, cfg["has_pseudo"], device):
+    for parts in batches:
         if step >= config.steps:
             break
         pixels, target = _usable(parts, skipped)
@@ -201,9 +203,10 @@ def _batches(config: TrainConfig, has_pseudo: bool, device: torch.device):
             device=device,
         )
 
-    labeled = stream("labeled", config.batch_size)
+    # Each stream fetches its first batch in a thread: both start at once, not the second after the first's batch.
+    labeled = _Prefetched(partial(stream, "labeled", config.batch_size))
     if has_pseudo:
-        return zip(labeled, stream("pseudo", config.unlabeled_batch_size))
+        return zip(labeled, _Prefetched(partial(stream, "pseudo", config.unlabeled_batch_size)))
     return ((b,) for b in labeled)
 
 
@@ -339,8 +342,8 @@ def _held_out_batches(name: str, device: torch.device) -> Iterable[dict[str, tor
 
 class _Prefetched(Generic[T]):
     """The batches of ``make()``, whose first one is fetched by a thread from the start: the start of its stream
-    (Ray Data's split coordinator, its tasks' processes: seconds on a small node) overlaps the work before it.
-    One batch is held at most."""
+    (Ray Data's executor, its tasks' processes: seconds on a small node) overlaps the work before it. One batch is
+    held at most."""
 
     def __init__(self, make: Callable[[], Iterable[T]]) -> None:
         self.make = make

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, Field
 
-from curation import access, imaging, schema, sources, storage
+from curation import access, imaging, schema, sources, storage, tables
 from curation.layout import LABELING_PROGRESS, PROGRESS_SECONDS
 from trainer.meta import load_meta
 from workers import ledger, watchdog
@@ -523,8 +523,8 @@ def _labeling_dataset(
         batch_size=1,
         num_cpus=READ_CPUS,
         fn_kwargs=kwargs,
-    ).repartition(target_num_rows_per_block=config.decode_batch_size)
-    _reserve_cpus(ds, READ_CPUS)
+    )
+    ds = tables.repartition(ds, config.decode_batch_size, num_cpus=READ_CPUS)
     if has_gpus():
         actors = config.actors or int(ray.cluster_resources()["GPU"] // config.gpus_per_actor)
         resources: dict[str, Any] = {"num_gpus": config.gpus_per_actor}
@@ -569,18 +569,6 @@ def _labeling_dataset(
         **resources,
     )
     return watchdog.watch(labeled, config.stall_timeout_s, job="labeling")
-
-
-def _reserve_cpus(ds: ray.data.Dataset, cpus: float) -> None:
-    """Set the CPUs reserved by the tasks of ``ds``'s last stage when it is a streaming repartition: Ray Data
-    2.60's ``repartition`` takes no resource arguments, and its tasks would reserve a whole CPU each."""
-    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
-
-    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
-    if isinstance(op, StreamingRepartition):
-        op.ray_remote_args["num_cpus"] = cpus
-    else:  # a Ray Data that plans repartition differently: its default reservation applies
-        log.warning("cannot size the repartition stage's tasks (%s)", type(op).__name__)
 
 
 def read_units(
