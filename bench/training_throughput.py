@@ -51,6 +51,9 @@ def train_config(args):
         checkpoint_every=args.steps,
         torch_threads=args.threads,
         cpus_per_worker=args.cpus_per_worker,
+        # The robustness suites are evaluation work (about 100 forward passes per test image), not start-up: off,
+        # as in the plain loop; their cost is reported in docs/benchmarks.md.
+        robustness_images=0,
         seed=0,
     )
 

@@ -1,5 +1,5 @@
 """Parquet files read by the project's own Ray Data tasks: one task per read unit of whole files, each streaming
-its files in tables of about BATCH_ROWS rows.
+its files in tables of about BATCH_ROWS rows; and a streaming repartition whose tasks reserve what they are told.
 
 Used instead of ``ray.data.read_parquet``, whose Ray 2.60 reader first reads every footer on a pool of up to 32
 actors (a new process each, even on a 2-CPU node, and seconds of start-up before the first row) and bin-packs
