@@ -91,9 +91,12 @@ def test_reads_writes_and_listing_lose_nothing_when_s3_fails_a_tenth_of_requests
     payloads = [os.urandom(2000 + i) for i in range(len(uris))]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(storage.write_bytes, uris, payloads))
-    got = storage.read_many(uris + [storage.join(root, "absent.bin")], concurrency=16)
-    assert got[:-1] == payloads
-    assert isinstance(got[-1], FileNotFoundError)
+    # Read three times: truncation hits GETs only (2.5% of them), and one pass of 121 GETs draws none about one
+    # time in twenty; three passes, about one in ten thousand.
+    for _ in range(3):
+        got = storage.read_many(uris + [storage.join(root, "absent.bin")], concurrency=16)
+        assert got[:-1] == payloads
+        assert isinstance(got[-1], FileNotFoundError)
     assert list(storage.iter_files(root)) == sorted(uris)
     assert all(flaky_s3.counts[fault] > 0 for fault in ("slowdown", "internal", "reset", "truncate")), flaky_s3.counts
 
