@@ -86,26 +86,14 @@ def stream(
     times = max(1, math.ceil(rows_needed / max(rows, 1)))
     if by_container:
         return _by_container(ds, seed=seed, times=times, config=config, num_classes=num_classes, noised=True)
-    return _small_blocks(
-        ds.randomize_block_order(seed=seed)
-        .map_batches(
-            _expand,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"times": times, "seed": seed},
-            num_cpus=DATA_CPUS,
-        )
-        .map_batches(
-            _prepare,
-            batch_format="pyarrow",
-            batch_size=PREPARE_BATCH_SIZE,
-            fn_kwargs={"config": config, "num_classes": num_classes, "noised": True},
-            num_cpus=DATA_CPUS,
-            **storage.RETRY_ON_STORE,
-        ),
-        config,
-        num_classes,
+    expanded = ds.randomize_block_order(seed=seed).map_batches(
+        _expand,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"times": times, "seed": seed},
+        num_cpus=DATA_CPUS,
     )
+    return _decoded(expanded, config, num_classes, noised=True)
 
 
 def evaluation(
@@ -113,27 +101,24 @@ def evaluation(
 ) -> ray.data.Dataset:
     if by_container:
         return _by_container(ds, seed=0, times=1, config=config, num_classes=num_classes, noised=False)
-    return _small_blocks(
-        ds.map_batches(
-            _prepare,
-            batch_format="pyarrow",
-            batch_size=PREPARE_BATCH_SIZE,
-            fn_kwargs={"config": config, "num_classes": num_classes, "noised": False},
-            num_cpus=DATA_CPUS,
-            **storage.RETRY_ON_STORE,
-        ),
-        config,
-        num_classes,
+    return _decoded(ds, config, num_classes, noised=False)
+
+
+def _decoded(ds: ray.data.Dataset, config: TrainConfig, num_classes: int, *, noised: bool) -> ray.data.Dataset:
+    """``ds``'s rows decoded (and noised), handed on a batch of PREPARE_BATCH_SIZE at a time. By default a task
+    holds its output until it makes 128 MiB: a read block's images all decoded before the first training step
+    (seconds). One task still decodes a whole read block; Ray Data's context is the dataset's own."""
+    out = ds.map_batches(
+        _prepare,
+        batch_format="pyarrow",
+        batch_size=PREPARE_BATCH_SIZE,
+        fn_kwargs={"config": config, "num_classes": num_classes, "noised": noised},
+        num_cpus=DATA_CPUS,
+        **storage.RETRY_ON_STORE,
     )
-
-
-def _small_blocks(ds: ray.data.Dataset, config: TrainConfig, num_classes: int) -> ray.data.Dataset:
-    """``ds`` handing on its decoded images a batch of PREPARE_BATCH_SIZE at a time. By default a task holds its
-    output until it makes 128 MiB: a read block's images all decoded before the first training step (seconds).
-    One task still decodes a whole read block; Ray Data's context is the dataset's own."""
     row_bytes = config.input_size**2 * 3 + 4 * num_classes + 256  # pixels, target, URI and label
-    ds.context.target_max_block_size = PREPARE_BATCH_SIZE * row_bytes
-    return ds
+    out.context.target_max_block_size = PREPARE_BATCH_SIZE * row_bytes
+    return out
 
 
 def read_manifest(uri: str, columns: list[str]) -> ray.data.Dataset:
