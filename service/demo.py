@@ -2,8 +2,8 @@
 
 10 labeled images per digit, a pool of 3,800 unlabeled ones, a validation split of 100 (taken out of the
 pool: the split every setting is chosen on) and a held-out test split of 1,000 (only reported). A teacher
-is trained on the 100 labeled images with the same noise as the students; each generation labels the pool
-with the previous model, curates the pseudo-labels and fits a noised student on both.
+is trained on the 100 labeled images with RandAugment, dropout and stochastic depth; each generation labels
+the pool with the previous model, curates the pseudo-labels and fits a student on both with stronger noise.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ NOISE = NoiseConfig(
     dropout=0.3,
     drop_path=0.2,
 )
+# The students' (and their supervised baselines') noise adds a random-resized crop, random erasing and stronger
+# dropout, chosen on validation at generation 1 over seeds 0-2: 97.0% against 96.0% with the teacher's noise
+# and 95.7% with none (validation holds 100 images).
+STUDENT_NOISE = NOISE.model_copy(update={"crop_scale": 0.5, "erase_prob": 0.25, "dropout": 0.5})
 
 
 def teacher_config(seed: int, steps: int = 400, robustness_images: int = ROBUSTNESS_IMAGES) -> TrainConfig:
@@ -71,7 +75,7 @@ def student_config(seed: int, steps: int = 1000, robustness_images: int = ROBUST
         batch_size=16,
         unlabeled_ratio=3,
         soft_targets=False,
-        noise=NOISE,
+        noise=STUDENT_NOISE,
         warmup_steps=100,
         checkpoint_every=250,
         robustness_images=robustness_images,
