@@ -68,7 +68,7 @@ def train_teacher(
     validation_format: SourceFormat | None = None,
     roots: list[str] | None = None,
 ) -> TrainResult:
-    """Generation 0: a supervised model on the labeled source alone, with the same noise as the students."""
+    """Generation 0: a supervised model on the labeled source alone, with the noise of its own config."""
     labeled_table, class_names = sources.labeled_source(labeled, fmt=labeled_format)
     check_rows("labeled", labeled_table, roots)
     check_readable("init_from", config.init_from, roots)
