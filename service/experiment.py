@@ -6,21 +6,23 @@ For each seed (which also changes which digits are labeled, validation and pool)
     student-<g>    the demo's chain of noisy students, generations 1..G
     supervised     the budget-matched baseline of the final student: its architecture, noise, steps and images
                    per step, all of them labeled
-    no-noise       generation 1 with no input noise (RandAugment, crop, flip, erasing) and no model noise
-                   (dropout, stochastic depth)
+    no-noise-<g>   the same chain with no input noise (RandAugment, crop, flip, erasing) and no model noise
+                   (dropout, stochastic depth): no-noise-1 learns from the teacher's labels, each later one from
+                   the labels of the no-noise student before it
     soft-labels    generation 1 on the teacher's soft labels instead of its top-1 (smoothed), the demo's choice
                    (hard-labels when the students are on soft labels)
     no-balancing   generation 1 on every pseudo-label over the floor once, classes not balanced
     larger         generation 1 with a student wider than its teacher (``LARGER``)
 
-The generation-1 variants reuse generation 1's labels. Robustness (mCE, mFR) is relative to the supervised
-baseline of the same seed. Every setting of the demo was chosen on validation; test is reported.
+The generation-1 variants (no-noise-1 among them) reuse generation 1's labels. Robustness (mCE, mFR) is relative
+to the supervised baseline of the same seed. Every setting of the demo was chosen on validation; test is reported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from pydantic import BaseModel
 
 from curation.layout import Layout
 from service import demo, digits, pipeline
+from service.specs import GenerationSpec
 from trainer import models, robustness
 from trainer.config import NoiseConfig, TrainConfig
 from trainer.train import TrainResult
@@ -38,7 +41,8 @@ from workers.curate import curate
 # The generation-1 variant with a student wider than the teacher: test_resnet's widths times two.
 LARGER = {"channels": [64, 96, 96, 192]}
 NO_NOISE = NoiseConfig(randaugment_ops=0, randaugment_magnitude=0, randaugment_magnitude_std=0, dropout=0, drop_path=0)
-ARMS = ("teacher", "supervised", "no-noise", "soft-labels", "no-balancing", "larger")  # with the demo's students
+# Besides student-<g> and no-noise-<g>, one of each per generation.
+ARMS = ("teacher", "supervised", "soft-labels", "no-balancing", "larger")
 
 
 def labels_arm(student: TrainConfig) -> str:
@@ -70,15 +74,58 @@ def run(
     progress: Callable[[str], None] = print,
 ) -> list[Arm]:
     """Run every arm for every seed under ``out``; write ``experiment.json`` and return the rows. Each model's
-    robustness suites run on ``robustness_images`` test images."""
+    robustness suites run on ``robustness_images`` test images.
+
+    Run again on the same ``out``, it picks up where it stopped: an arm whose model folder holds a model trained
+    with the same config, from reused arms upstream, is read back instead of trained again."""
     out = os.path.abspath(out)
+    summary = os.path.join(out, "experiment.json")
+    earlier = [Arm(**r) for r in json.loads(open(summary).read())] if os.path.exists(summary) else []
     rows: list[Arm] = []
     for seed in seeds:
         steps = {"teacher": teacher_steps, "student": student_steps}
-        rows += _seed(os.path.join(out, f"seed-{seed}"), seed, generations, steps, robustness_images, progress)
-        with open(os.path.join(out, "experiment.json"), "w") as f:  # after each seed: a partial run is readable
+        seconds = {r.arm: r.seconds for r in earlier if r.seed == seed}
+        rows += _seed(os.path.join(out, f"seed-{seed}"), seed, generations, steps, robustness_images, seconds, progress)
+        with open(summary, "w") as f:  # after each seed: a partial run is readable
             json.dump([r.model_dump() for r in rows], f, indent=2)
     return rows
+
+
+class _Arms:
+    """One seed's arms, each in ``<out>/<arm>/``: trained, or read back when an earlier run finished it with the
+    same config and nothing upstream of it was trained again."""
+
+    def __init__(self, out: str, seconds: dict[str, float], progress: Callable[[str], None]) -> None:
+        self.out, self.seconds, self.progress = out, seconds, progress
+        self.results: dict[str, tuple[TrainResult, float, int]] = {}  # arm -> (result, seconds, steps)
+        self.trained: set[str] = set()
+
+    def output(self, arm: str) -> str:
+        return os.path.join(self.out, arm)
+
+    def finished(self, arm: str, config: TrainConfig, after: tuple[str, ...]) -> TrainResult | None:
+        """The earlier run's model of ``arm``, if it may stand; else None, with the arm's folder cleared when it
+        holds another config's model or one made from a model trained again since."""
+        uri = Layout(self.output(arm)).model
+        try:
+            meta = models.load_meta(uri)
+        except ValueError:
+            meta = None  # not finished: training resumes from the arm's last checkpoint, if any
+        upstream_trained = bool(self.trained.intersection(after))
+        if meta is not None and meta.config == config.model_dump(mode="json") and not upstream_trained:
+            self.progress(f"{arm}: reusing {uri} (trained earlier with the same config)")
+            seconds = self.seconds.get(arm, meta.metrics.get("train_loop_seconds", 0.0))
+            result = TrainResult(model_uri=uri, metrics=meta.metrics, parameters=meta.parameters, seconds=seconds)
+            self.results[arm] = result, seconds, config.steps
+            return result
+        if meta is not None or upstream_trained:
+            shutil.rmtree(self.output(arm), ignore_errors=True)
+        self.trained.add(arm)
+        return None
+
+    def done(self, arm: str, result: TrainResult, started: float, config: TrainConfig) -> TrainResult:
+        self.results[arm] = result, time.time() - started, config.steps
+        return result
 
 
 def _seed(
@@ -87,6 +134,7 @@ def _seed(
     generations: int,
     steps: dict[str, int],
     robustness_images: int,
+    seconds: dict[str, float],
     progress: Callable[[str], None],
 ) -> list[Arm]:
     student_steps = steps["student"]
@@ -95,50 +143,49 @@ def _seed(
         return demo.student_config(seed, student_steps, robustness_images)
 
     data = digits.write(os.path.join(out, "data"), seed=seed)
-    results: dict[str, tuple[TrainResult, float, int]] = {}  # arm -> (result, seconds, steps)
+    arms = _Arms(out, seconds, lambda line: progress(f"seed {seed}: {line}"))
 
     def fit(arm: str, config: TrainConfig) -> TrainResult:
-        progress(f"seed {seed}: {arm} ({config.architecture} {config.model_kwargs or ''}, {config.steps} steps)")
+        if result := arms.finished(arm, config, after=()):
+            return result
+        arms.progress(f"{arm} ({config.architecture} {config.model_kwargs or ''}, {config.steps} steps)")
         t = time.time()
-        output = os.path.join(out, arm)
         result = pipeline.train_teacher(
-            config, labeled=data["labeled"], eval=data["test"], validation=data["validation"], output=output
+            config, labeled=data["labeled"], eval=data["test"], validation=data["validation"], output=arms.output(arm)
         )
-        results[arm] = result, time.time() - t, config.steps
+        return arms.done(arm, result, t, config)
+
+    def generation(arm: str, teacher: str, teacher_uri: str, student: TrainConfig) -> pipeline.GenerationResult:
+        """A generation taught by the model of arm ``teacher``."""
+        spec = demo.generation_spec(data, teacher_uri, arms.output(arm), seed, student)
+        summary = Layout(spec.output).summary
+        if arms.finished(arm, student, after=(teacher,)) and os.path.exists(summary):
+            return pipeline.GenerationResult.model_validate_json(open(summary).read())
+        arms.trained.add(arm)
+        arms.progress(arm)
+        t = time.time()
+        result = pipeline.run_generation(spec, arm, progress=progress)
+        arms.done(arm, result.student, t, student)
         return result
 
     teacher = fit("teacher", demo.teacher_config(seed, steps["teacher"], robustness_images))
-
-    def generation(arm: str, teacher_uri: str, student: TrainConfig) -> pipeline.GenerationResult:
-        progress(f"seed {seed}: {arm}")
-        t = time.time()
-        spec = demo.generation_spec(data, teacher_uri, os.path.join(out, arm), seed, student)
-        result = pipeline.run_generation(spec, arm, progress=progress)
-        results[arm] = result.student, time.time() - t, student.steps
-        return result
-
-    model_uri, first = teacher.model_uri, None
+    model_uri, first, upstream = teacher.model_uri, None, "teacher"
     for g in range(1, generations + 1):
         student = student_config(seed + g)
-        made = generation(f"student-{g}", model_uri, student)
-        model_uri, first = made.student.model_uri, first or made
+        made = generation(f"student-{g}", upstream, model_uri, student)
+        model_uri, first, upstream = made.student.model_uri, first or made, f"student-{g}"
     assert first is not None
     fit("supervised", demo.supervised_config(student))
 
     # Generation-1 variants: the same teacher and labels as student-1.
     gen1 = demo.generation_spec(data, teacher.model_uri, "", seed, student_config(seed + 1))
-    variants = {
-        "no-noise": gen1.model_copy(update={"student": gen1.student.model_copy(update={"noise": NO_NOISE})}),
-        labels_arm(gen1.student): gen1.model_copy(
-            update={"student": gen1.student.model_copy(update={"soft_targets": not gen1.student.soft_targets})}
-        ),
-        "no-balancing": gen1.model_copy(update={"curation": gen1.curation.model_copy(update={"balance": False})}),
-        "larger": gen1.model_copy(update={"student": gen1.student.model_copy(update={"model_kwargs": LARGER})}),
-    }
-    for arm, spec in variants.items():
-        progress(f"seed {seed}: {arm}")
+
+    def variant(arm: str, spec: GenerationSpec) -> TrainResult:
+        if result := arms.finished(arm, spec.student, after=("teacher", "student-1")):
+            return result
+        arms.progress(arm)
         t = time.time()
-        spec = spec.model_copy(update={"output": os.path.join(out, arm)})
+        spec = spec.model_copy(update={"output": arms.output(arm)})
         dataset = first.dataset
         if spec.curation != gen1.curation:
             dataset = curate(
@@ -151,14 +198,26 @@ def _seed(
                 teacher=teacher.model_uri,
             )
         model, _ = pipeline.student_stage(spec, dataset)
-        results[arm] = model, time.time() - t, spec.student.steps
+        return arms.done(arm, model, t, spec.student)
 
-    baseline = results["supervised"][0].metrics
-    arms = []
-    for arm, (result, seconds, arm_steps) in results.items():
+    def gen1_with(**changes: Any) -> GenerationSpec:
+        return gen1.model_copy(update={"student": gen1.student.model_copy(update=changes)})
+
+    # The chain without noise: each no-noise student labels the pool for the next.
+    model_uri = variant("no-noise-1", gen1_with(noise=NO_NOISE)).model_uri
+    for g in range(2, generations + 1):
+        quiet = student_config(seed + g).model_copy(update={"noise": NO_NOISE})
+        model_uri = generation(f"no-noise-{g}", f"no-noise-{g - 1}", model_uri, quiet).student.model_uri
+    variant(labels_arm(gen1.student), gen1_with(soft_targets=not gen1.student.soft_targets))
+    variant("no-balancing", gen1.model_copy(update={"curation": gen1.curation.model_copy(update={"balance": False})}))
+    variant("larger", gen1_with(model_kwargs=LARGER))
+
+    baseline = arms.results["supervised"][0].metrics
+    rows = []
+    for arm, (result, arm_seconds, arm_steps) in arms.results.items():
         m = result.metrics
         relative = robustness.relative(m, baseline)
-        arms.append(
+        rows.append(
             Arm(
                 seed=seed,
                 arm=arm,
@@ -169,10 +228,10 @@ def _seed(
                 mce=relative.get("mce"),
                 mfr=relative.get("mfr"),
                 flip_rate=m.get("flip_rate"),
-                seconds=seconds,
+                seconds=arm_seconds,
             )
         )
-    return arms
+    return rows
 
 
 def table(rows: list[Arm]) -> list[dict[str, Any]]:
