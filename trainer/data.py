@@ -105,9 +105,7 @@ def evaluation(
 
 
 def _decoded(ds: ray.data.Dataset, config: TrainConfig, num_classes: int, *, noised: bool) -> ray.data.Dataset:
-    """``ds``'s rows decoded (and noised), handed on a batch of PREPARE_BATCH_SIZE at a time. By default a task
-    holds its output until it makes 128 MiB: a read block's images all decoded before the first training step
-    (seconds). One task still decodes a whole read block; Ray Data's context is the dataset's own."""
+    """``ds``'s rows decoded (and noised), handed on a batch of PREPARE_BATCH_SIZE at a time."""
     out = ds.map_batches(
         _prepare,
         batch_format="pyarrow",
@@ -116,9 +114,17 @@ def _decoded(ds: ray.data.Dataset, config: TrainConfig, num_classes: int, *, noi
         num_cpus=DATA_CPUS,
         **storage.RETRY_ON_STORE,
     )
+    return _in_small_blocks(out, config, num_classes)
+
+
+def _in_small_blocks(ds: ray.data.Dataset, config: TrainConfig, num_classes: int) -> ray.data.Dataset:
+    """``ds`` with its decoding tasks handing on each PREPARE_BATCH_SIZE rows as they are made. By default a task
+    holds its output until it makes 128 MiB: a read block's images all decoded before the first training step
+    (seconds). One task still decodes a whole read block (or container); Ray Data's context is the dataset's
+    own."""
     row_bytes = config.input_size**2 * 3 + 4 * num_classes + 256  # pixels, target, URI and label
-    out.context.target_max_block_size = PREPARE_BATCH_SIZE * row_bytes
-    return out
+    ds.context.target_max_block_size = PREPARE_BATCH_SIZE * row_bytes
+    return ds
 
 
 def read_manifest(uri: str, columns: list[str]) -> ray.data.Dataset:
@@ -151,7 +157,7 @@ def _by_container(
     # As many partitions as CPUs: the decoding after the shuffle runs a task per partition. Ray's default (200)
     # costs a small cluster more in shuffle tasks than the reading itself.
     partitions = max(1, min(MAX_GROUP_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
-    return (
+    out = (
         ds.map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"seed": seed, "times": times}, num_cpus=DATA_CPUS)
         .groupby(_GROUP, num_partitions=partitions)
         .map_groups(
@@ -162,6 +168,7 @@ def _by_container(
             **storage.RETRY_ON_STORE,
         )
     )
+    return _in_small_blocks(out, config, num_classes)
 
 
 def _add_group(batch: pa.Table, *, seed: int, times: int) -> pa.Table:

@@ -6,7 +6,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from service import experiment
+from service import demo, experiment
 from service.cli import app
 
 
@@ -19,45 +19,55 @@ def run(tmp_path, generations: int) -> tuple[str, dict[str, experiment.Arm]]:
 
 
 def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
-    output, arms = run(tmp_path, generations=1)
+    output, arms = run(tmp_path, generations=2)
     rows = list(arms.values())
-    assert set(arms) == {"student-1", "no-noise-1", *experiment.ARMS}
+    assert set(arms) == {"student-1", "student-2", "no-noise-1", "no-noise-2", *experiment.ARMS}
     assert "reusing" not in output
     assert all(r.seed == 3 and 0.0 <= r.test_accuracy <= 1.0 and 0.0 <= r.validation_accuracy <= 1.0 for r in rows)
     # robustness is relative to the supervised baseline: 100 for itself, a ratio for the others
     assert arms["supervised"].mce == pytest.approx(100.0) and arms["supervised"].mfr == pytest.approx(100.0)
     assert all(r.mce is not None and r.mce > 0 for r in rows)
     # (60-step teachers and 40-step students: confident enough for some pseudo-labels over the demo's floor)
-    # the baseline has the final student's architecture and steps; the larger student more parameters
-    assert arms["supervised"].parameters == arms["student-1"].parameters
-    assert arms["supervised"].steps == arms["student-1"].steps == 40
+    # the baseline has the final student's architecture, steps and seed; the larger student more parameters
+    seed_3 = tmp_path / "seed-3"
+    supervised = json.loads((seed_3 / "supervised" / "model" / "model.json").read_text())
+    assert supervised["config"]["seed"] == 3 + 2
+    assert arms["supervised"].parameters == arms["student-2"].parameters
+    assert arms["supervised"].steps == arms["student-2"].steps == 40
     assert arms["larger"].parameters > arms["student-1"].parameters
-
     # the robustness suites ran on the 40 test images asked for
-    supervised = json.loads((tmp_path / "seed-3" / "supervised" / "model" / "model.json").read_text())
     assert supervised["metrics"]["robustness_images"] == 40
 
+    # the no-noise chain: each student without noise, the second taught by the first
+    assert json.loads((seed_3 / "no-noise-2" / "generation.json").read_text())["teacher_uri"] == str(
+        seed_3 / "no-noise-1" / "model"
+    )
+    for g in (1, 2):
+        noise = json.loads((seed_3 / f"no-noise-{g}" / "model" / "model.json").read_text())["config"]["noise"]
+        assert noise["dropout"] == noise["drop_path"] == noise["erase_prob"] == noise["randaugment_ops"] == 0
+
     lines = {line["arm"]: line for line in json.loads((tmp_path / "table.json").read_text())}
-    assert lines["student-1"]["gain_over_supervised"] == pytest.approx(
-        arms["student-1"].test_accuracy - arms["supervised"].test_accuracy
+    assert lines["student-2"]["gain_over_supervised"] == pytest.approx(
+        arms["student-2"].test_accuracy - arms["supervised"].test_accuracy
     )
     assert lines["supervised"]["gain_over_supervised"] == 0.0 and lines["teacher"]["seeds"] == 1
-    assert "test - supervised" in output and "no-balancing" in output
+    assert "test - supervised" in output and "no-noise-2" in output
 
-    # A second generation on the same folder: the arms that do not depend on it are read back, the rest trained.
+    # Run again: every arm is read back, none trained, and the table is the same.
     output, again = run(tmp_path, generations=2)
-    assert set(again) == {"student-1", "student-2", "no-noise-1", "no-noise-2", *experiment.ARMS}
-    reused = {"teacher", "student-1", "no-noise-1", "soft-labels", "no-balancing", "larger"}
-    for arm in reused:
-        assert f"{arm}: reusing" in output
-        same = ("test_accuracy", "validation_accuracy", "parameters", "steps", "flip_rate", "seconds")
-        assert {k: getattr(again[arm], k) for k in same} == {k: getattr(arms[arm], k) for k in same}
-    # the baseline follows the final student (a new seed), so it is trained again, not resumed from its old run
-    assert "supervised: reusing" not in output
-    assert "student-2: reusing" not in output and "no-noise-2: reusing" not in output
-    no_noise_2 = json.loads((tmp_path / "seed-3" / "no-noise-2" / "generation.json").read_text())
-    assert no_noise_2["teacher_uri"] == str(tmp_path / "seed-3" / "no-noise-1" / "model")
-    quiet = json.loads((tmp_path / "seed-3" / "no-noise-2" / "model" / "model.json").read_text())["config"]["noise"]
-    assert quiet["dropout"] == quiet["drop_path"] == quiet["erase_prob"] == quiet["randaugment_ops"] == 0
-    baseline = json.loads((tmp_path / "seed-3" / "supervised" / "model" / "model.json").read_text())["config"]
-    assert baseline["seed"] == 3 + 2 and again["supervised"].steps == 40
+    assert all(f"{arm}: reusing" in output for arm in arms)
+    assert again == arms
+
+    # An arm is trained again, from a clear folder, when its config changed or a model upstream was trained again.
+    said: list[str] = []
+    seed_arms = experiment._Arms(str(seed_3), {}, said.append)
+    config = demo.student_config(3 + 2, steps=40, robustness_images=40)
+    assert seed_arms.finished("student-2", config, after=("student-1",)) is not None
+    assert seed_arms.finished("student-2", config.model_copy(update={"steps": 41}), after=("student-1",)) is None
+    assert not (seed_3 / "student-2").exists()
+    quiet = config.model_copy(update={"noise": experiment.NO_NOISE})
+    assert seed_arms.finished("no-noise-2", quiet, after=("no-noise-1",)) is not None
+    seed_arms.trained.add("no-noise-1")
+    assert seed_arms.finished("no-noise-2", quiet, after=("no-noise-1",)) is None
+    assert not (seed_3 / "no-noise-2").exists() and (seed_3 / "no-noise-1" / "model").exists()
+    assert [line.split(":")[0] for line in said] == ["student-2", "no-noise-2"]
