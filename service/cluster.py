@@ -13,11 +13,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
 import ray
+
+log = logging.getLogger(__name__)
 
 # Ray Data and Ray Train log every operator and report; the CLI shows its own progress instead.
 QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune")
@@ -174,19 +178,57 @@ def _write_private(path: Path, text: str) -> None:
     path.chmod(0o600)  # a file that was there before keeps its old mode through O_CREAT
 
 
-def stop_head(head: Head, timeout: float = 60.0) -> None:
-    """Stop a head from ``start_head``: SIGTERM to its process group, SIGKILL to what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_head(head: Head, grace: float = 30.0, timeout: float = 30.0) -> None:
+    """Stop a head from ``start_head`` in Ray's order: SIGTERM to its raylet, which stops its workers and leaves
+    the GCS (half a second); then SIGTERM to the process group; once the GCS has exited (each step at most
+    ``grace`` seconds), SIGKILL to what is left, such as `ray start --block` and the autoscaler's monitor, which
+    would otherwise retry the gone GCS for a minute. Without /proc: SIGTERM to the group, then SIGKILL."""
+    by_name = os.path.exists("/proc/self/stat")
+    steps = [("raylet", None), ("gcs_server", signal.SIGTERM)] if by_name else [(None, signal.SIGTERM)]
+    for name, group_signal in steps:
         try:
-            os.killpg(head.pid, sig)
+            if group_signal:
+                os.killpg(head.pid, group_signal)
+            for pid in _group(head.pid).get(name or "", []):
+                os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                os.waitpid(head.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if not _alive(head.pid):
-                return
-            time.sleep(0.5)
+        if not _wait(head.pid, grace, partial(_gone, head.pid, name)):
+            log.warning("the Ray head's %s did not exit within %.0fs of SIGTERM", name or "processes", grace)
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    _wait(head.pid, timeout, lambda: False)
+
+
+def _gone(pgid: int, name: str | None) -> bool:
+    return name is not None and name not in _group(pgid)
+
+
+def _wait(pid: int, timeout: float, done: Callable[[], bool]) -> bool:
+    """Until ``pid`` has exited (reaped, when it is our child) or ``done()``; whether either came in time."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not _alive(pid) or done():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _group(pgid: int) -> dict[str, list[int]]:
+    """The live (not zombie) processes of process group ``pgid`` by command name (Linux /proc)."""
+    names: dict[str, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone while we looked
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        if rest[0] != "Z" and int(rest[2]) == pgid:  # state, ppid, pgrp
+            names.setdefault(name, []).append(int(stat.parent.name))
+    return names

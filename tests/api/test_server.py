@@ -229,6 +229,8 @@ def test_a_clean_stop_stops_the_local_head_and_its_jobs(server, digits_root):
     head = cluster.Head(**json.loads((server.data_dir / "ray" / "head.json").read_text()))
     server.stop()  # SIGTERM
     assert server.proc.returncode is not None and not cluster._alive(head.pid)
+    # in Ray's order: the raylet, then the GCS, each on SIGTERM, before the rest is killed
+    assert "did not exit within" not in server.log()
     leftovers = [
         p
         for p in Path("/proc").glob("[0-9]*/cmdline")
