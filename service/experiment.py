@@ -26,6 +26,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -80,7 +81,7 @@ def run(
     with the same config, from reused arms upstream, is read back instead of trained again."""
     out = os.path.abspath(out)
     summary = os.path.join(out, "experiment.json")
-    earlier = [Arm(**r) for r in json.loads(open(summary).read())] if os.path.exists(summary) else []
+    earlier = [Arm(**r) for r in json.loads(Path(summary).read_text())] if os.path.exists(summary) else []
     rows: list[Arm] = []
     for seed in seeds:
         steps = {"teacher": teacher_steps, "student": student_steps}
@@ -160,8 +161,8 @@ def _seed(
         spec = demo.generation_spec(data, teacher_uri, arms.output(arm), seed, student)
         summary = Layout(spec.output).summary
         if arms.finished(arm, student, after=(teacher,)) and os.path.exists(summary):
-            return pipeline.GenerationResult.model_validate_json(open(summary).read())
-        arms.trained.add(arm)
+            return pipeline.GenerationResult.model_validate_json(Path(summary).read_text())
+        arms.trained.add(arm)  # also when its model stands but the generation's summary is missing
         arms.progress(arm)
         t = time.time()
         result = pipeline.run_generation(spec, arm, progress=progress)
