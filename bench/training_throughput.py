@@ -140,8 +140,8 @@ def phase_plain(args) -> dict:
     from curation import imaging, storage
     from trainer import models
     from trainer import noise as noise_lib
+    from trainer.loop import STEADY_AFTER_STEPS
     from trainer.models import ModelMeta
-    from trainer.train import STEADY_AFTER_STEPS
 
     t0 = time.perf_counter()
     config = train_config(args)

@@ -5,7 +5,7 @@ import torch
 
 from curation.errors import UserError
 from tests.helpers import untrained_model
-from trainer import models, train
+from trainer import loop, models, train
 from trainer.config import TrainConfig
 from trainer.meta import ModelMeta
 
@@ -15,10 +15,10 @@ def test_a_run_starts_from_the_folder_s_weights(tmp_path):
     config = TrainConfig(architecture="test_resnet", input_size=32, init_from=str(tmp_path / "start"))
     train.check_init_from(config, start.class_names)
     meta = ModelMeta(architecture="test_resnet", input_size=32, class_names=start.class_names)
-    state = train._State(config, meta, torch.device("cpu"))
+    state = loop._State(config, meta, torch.device("cpu"))
     saved = models.load(str(tmp_path / "start"))[0].state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in state.model.state_dict().items())
-    fresh = train._State(config.model_copy(update={"init_from": None}), meta, torch.device("cpu"))
+    fresh = loop._State(config.model_copy(update={"init_from": None}), meta, torch.device("cpu"))
     assert not all(torch.equal(v, saved[k]) for k, v in fresh.model.state_dict().items() if v.is_floating_point())
 
 

@@ -9,7 +9,7 @@ import torch
 from curation import imaging
 from service import pipeline
 from tests import helpers
-from trainer import models, noise, train
+from trainer import loop, models, noise
 from trainer.config import TrainConfig
 
 
@@ -65,12 +65,12 @@ def test_usable_leaves_out_skipped_rows_and_counts_them():
         }
 
     counts = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
-    pixels, target = train._usable((part([-1, 3, -1]), part([5, -1])), counts)
+    pixels, target = loop._usable((part([-1, 3, -1]), part([5, -1])), counts)
     assert pixels[:, 0, 0, 0].tolist() == [0, 2, 1] and target.shape == (3, 4)
     assert dict(zip(imaging.REJECT_REASONS, counts.tolist()))["corrupt"] == 1
     assert dict(zip(imaging.REJECT_REASONS, counts.tolist()))["bad_geometry"] == 1
     # nothing usable: the step runs on the whole batch with zero targets, so its loss is 0
-    pixels, target = train._usable((part([2, 2]),), counts)
+    pixels, target = loop._usable((part([2, 2]),), counts)
     assert len(pixels) == 2 and not target.any()
     assert counts.sum() == 4
 
