@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: the machine record, a private local Ray cluster, a memory sampler over a
-process tree, measured phases in child processes, and synthetic photo-like JPEGs.
+"""Shared pieces of the benchmarks: the machine record, a private local Ray cluster, memory and CPU samplers over
+a process tree, measured phases in child processes, and synthetic photo-like JPEGs.
 
 Every benchmark runs each measured phase in its own child process (``python bench/<name>.py --phase ...``),
 so that one phase's memory, threads or Ray cluster never leaks into the next, and the parent samples the
@@ -33,8 +33,9 @@ if str(ROOT) not in sys.path:
 
 # Where generated inputs are kept between runs (JPEG pools, synthetic predictions): regenerating them is slow.
 DATA_DIR = Path(os.environ.get("NSTUDENT_BENCH_DATA", "/tmp/nstudent-bench"))
-# Memory is sampled this often (seconds).
+# Memory and CPU time are sampled this often (seconds).
 SAMPLE_SECONDS = 0.2
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> dict[str, Any]:
@@ -97,19 +98,24 @@ def ray_cluster(num_cpus: int = 2):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used so far: user and system) of a process, from /proc (Linux); None once it
+    has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids, from /proc (Linux)."""
     tree: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # the command name may hold spaces
-        tree.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            tree.setdefault(stat[0], []).append(int(entry.name))
     return tree
 
 
@@ -218,6 +224,75 @@ class TreeMemory:
         return out
 
 
+class TreeCPU:
+    """The CPU seconds (user and system) that a process and all its descendants use between ``__enter__`` and
+    ``__exit__``, by process, read from /proc every SAMPLE_SECONDS in a thread. A process that ends between two
+    samples loses its last fraction of a sample; one that starts and ends between two is missed."""
+
+    def __init__(self, pid: int | None = None):
+        self.pid = pid or os.getpid()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.names: dict[int, list[str]] = {}  # every name a process had: a Ray worker's follows its tasks
+        self.wall = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> TreeCPU:
+        self.sample()
+        self.first = dict(self.last)
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.wall = time.perf_counter() - self._started
+
+    def __enter__(self) -> TreeCPU:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def sample(self) -> None:
+        for p in tree_pids(self.pid):
+            stat = _stat(p)
+            if stat is not None:
+                self.last[p] = stat[1]
+                names, name = self.names.setdefault(p, []), _name(p) or f"pid {p}"
+                if name not in names and (name != "ray::IDLE" or not names):
+                    names.append(name)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.sample()
+
+    def _label(self, pid: int) -> str:
+        """A Ray worker by the tasks it ran or its actor (``ray::TrainController``, not each method); any other
+        process by its command."""
+        ray_names = []
+        for name in self.names[pid]:
+            if name.startswith("ray::") and name != "ray::IDLE":
+                name = name[: name.rindex(")") + 1] if ")" in name else name.split(".")[0]
+                if name not in ray_names:
+                    ray_names.append(name)
+        return " + ".join(ray_names) or self.names[pid][0]
+
+    def report(self, cpus: int, top: int = 8) -> dict[str, Any]:
+        """CPU seconds in all, the share of ``cpus`` cores they took over the wall time, and the processes
+        that used the most (a Ray worker by the names of the tasks it was seen running, or its actor's)."""
+        used = sorted(((cpu - self.first.get(p, 0.0), p) for p, cpu in self.last.items()), reverse=True)
+        total = sum(seconds for seconds, _ in used)
+        return {
+            "cpu_seconds": round(total, 1),
+            "cpu_utilization": round(total / max(self.wall * cpus, 1e-9), 3),
+            "cpu_seconds_by_process": [f"{self._label(p)}: {seconds:.1f}" for seconds, p in used[:top]],
+        }
+
+
 def run_phase(script: str, args: list[str], *, memory: bool = False, timeout: float = 900) -> dict[str, Any]:
     """Run ``python <script> --phase ...`` in a child process; return the JSON it prints last, with the peak
     memory of its process tree under ``memory`` when asked."""
@@ -242,6 +317,34 @@ def run_phase(script: str, args: list[str], *, memory: bool = False, timeout: fl
     if sampler:
         result["memory"] = sampler.report()
     return result
+
+
+def interleaved(
+    script: str, ways: list[str], common: list[str], repeats: int, show: tuple[str, ...] = ("steady", "end_to_end")
+) -> tuple[dict[str, list[dict]], list[float]]:
+    """Each way run ``repeats`` times in its own process (``--phase <way>``), A B C then C B A, so that each sees
+    the machine's drift from both sides; the runs of each way (each with its ``load_average_before``), and the
+    load averages in the order of the runs. Each run's ``show`` figures go to stderr as it ends."""
+    runs: dict[str, list[dict]] = {w: [] for w in ways}
+    loads = []
+    for r in range(repeats):
+        for way in ways if r % 2 == 0 else ways[::-1]:
+            loads.append(load())
+            result = run_phase(script, ["--phase", way, *common])
+            result["load_average_before"] = loads[-1]
+            runs[way].append(result)
+            figures = ", ".join(f"{k} {result.get(k) or 0:.1f}" for k in show)
+            print(f"repeat {r + 1} {way}: {figures} (load {loads[-1]})", file=sys.stderr, flush=True)
+    return runs, loads
+
+
+def ratio(runs: dict[str, list[dict]], way: str, base: str, key: str) -> dict[str, Any]:
+    """``way`` over ``base`` on ``key`` in each repeat (two runs made next to each other), and the median of
+    those: not the ratio of the medians, which pairs figures from different moments of a drifting machine."""
+    per_repeat = [
+        round((a[key] or 0.0) / b[key], 3) if b[key] else 0.0 for a, b in zip(runs[way], runs[base], strict=True)
+    ]
+    return {"median": round(median(per_repeat), 3), "per_repeat": per_repeat}
 
 
 def phase_result(result: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from labeling_throughput import commit_times, interleaved, phase_inputs, steady_rate  # noqa: E402
+from labeling_throughput import commit_times, phase_inputs, steady_rate  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 
@@ -169,17 +169,14 @@ def main() -> None:
 
         machine["gpu"] = torch.cuda.get_device_name()
     common = phase_inputs(args, "gpu-label-bench-")
-    runs, loads = interleaved(SCRIPT, ways, common, args.repeats)
+    runs, loads = _common.interleaved(SCRIPT, ways, common, args.repeats)
 
     summary = {
         w: {k: round(_common.median([x[k] or 0.0 for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways
     }
     ratios = {}
     for way in ways[1:]:
-        per_repeat = [
-            round((a["steady"] or 0.0) / b["steady"], 3) for a, b in zip(runs[way], runs["model"], strict=True)
-        ]
-        ratios[f"{way}_vs_model"] = {"per_repeat": per_repeat, "median": round(_common.median(per_repeat), 3)}
+        ratios[f"{way}_vs_model"] = _common.ratio(runs, way, "model", "steady")
     _common.emit(
         {
             "benchmark": "gpu_labeling",

@@ -21,7 +21,9 @@ of the medians, which pairs figures from different moments of a drifting machine
 the first quarter of the images and before the last batch; the pipeline's outputs are dated by its ledger
 entries, one per predictions file of ``--rows-per-file`` rows) and ``end_to_end`` (images over the whole
 call: model loading and worker start included, and for the pipeline starting its actor and tasks, whose
-processes import torch; not the start of the Ray cluster, nor the imports of the main process). Prints JSON.
+processes import torch; not the start of the Ray cluster, nor the imports of the main process). ``cpu_seconds``:
+the CPU time of each way's process and all its descendants over the same span (for the pipeline, every process
+of its Ray cluster), with the processes that used most. Prints JSON.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def phase_ceiling(args) -> dict:
     from trainer import models
 
     torch.set_num_threads(args.threads)
+    cpu = _common.TreeCPU().start()
     t0 = time.perf_counter()
     model, meta = models.load(args.teacher)
     model = model.to(memory_format=torch.channels_last).eval()
@@ -123,11 +126,13 @@ def phase_ceiling(args) -> dict:
             torch.softmax(logits.float(), dim=1).topk(5, dim=1)
             outputs.append((time.perf_counter(), args.batch_size))
     images = batches * args.batch_size
+    cpu.stop()
     return {
         "images": images,
         "steady": steady_rate(outputs),
         "end_to_end": images / (outputs[-1][0] - t0),
         "compute_seconds": outputs[-1][0] - started,
+        **cpu.report(args.cpus),
     }
 
 
@@ -143,6 +148,7 @@ def phase_plain(args) -> dict:
     from curation import schema, sources
     from trainer import models
 
+    cpu = _common.TreeCPU().start()
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     model, meta = models.load(args.teacher)
@@ -196,7 +202,13 @@ def phase_plain(args) -> dict:
             seen += n
             outputs.append((time.perf_counter(), n))
     writer.close()
-    return {"images": seen, "steady": steady_rate(outputs), "end_to_end": seen / (outputs[-1][0] - t0)}
+    cpu.stop()
+    return {
+        "images": seen,
+        "steady": steady_rate(outputs),
+        "end_to_end": seen / (outputs[-1][0] - t0),
+        **cpu.report(args.cpus),
+    }
 
 
 def phase_pipeline(args) -> dict:
@@ -208,7 +220,8 @@ def phase_pipeline(args) -> dict:
         out = tempfile.mkdtemp(prefix="pipeline-", dir=args.scratch)
         config = LabelConfig(batch_size=args.batch_size, torch_threads=args.threads, rows_per_file=args.rows_per_file)
         t1, started = time.perf_counter(), time.time()
-        result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
+        with _common.TreeCPU() as cpu:
+            result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
         wall = time.perf_counter() - t1
     entries = commit_times(out)
     return {
@@ -221,6 +234,7 @@ def phase_pipeline(args) -> dict:
         # The job's start-up: from the call to its first committed file (the ledger entry's time).
         "first_commit_seconds": entries[0][0] - started if entries else None,
         "commits": len(entries),
+        **cpu.report(args.cpus),
     }
 
 
@@ -244,25 +258,6 @@ def phase_inputs(args, prefix: str) -> list[str]:
         *("--images", str(args.images), "--batch-size", str(args.batch_size), "--threads", str(args.threads)),
         *("--cpus", str(args.cpus), "--rows-per-file", str(args.rows_per_file)),
     ]
-
-
-def interleaved(script: str, ways: list[str], common: list[str], repeats: int) -> tuple[dict[str, list[dict]], list]:
-    """Each way run ``repeats`` times in its own process, A B C then C B A, so that each sees the machine's
-    drift from both sides; the runs of each way, and the load average before each run."""
-    runs: dict[str, list[dict]] = {w: [] for w in ways}
-    loads = []
-    for r in range(repeats):
-        for way in ways if r % 2 == 0 else ways[::-1]:
-            loads.append(_common.load())
-            result = _common.run_phase(script, ["--phase", way, *common])
-            runs[way].append(result)
-            print(
-                f"repeat {r + 1} {way}: steady {result['steady'] or 0:.1f} img/s, end-to-end "
-                f"{result['end_to_end']:.1f} img/s (load {loads[-1]})",
-                file=sys.stderr,
-                flush=True,
-            )
-    return runs, loads
 
 
 def main() -> None:
@@ -298,25 +293,20 @@ def main() -> None:
     machine = _common.machine()
     common = [*phase_inputs(args, "label-bench-"), "--loader-workers", str(args.loader_workers)]
     ways = args.ways.split(",")
-    runs, loads = interleaved(SCRIPT, ways, common, args.repeats)
+    runs, loads = _common.interleaved(SCRIPT, ways, common, args.repeats)
 
     summary = {
-        w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways
+        w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "end_to_end", "cpu_seconds")}
+        for w in ways
     }
-    # Per repeat, each ratio pairs two runs made next to each other; the figure is the median of those.
     ratios: dict[str, dict] = {}
     if "pipeline" in summary:
         for base in ("ceiling", "plain"):
             if base in summary:
-                ratio: dict = {}
+                ratios[f"pipeline_vs_{base}"] = {}
                 for k in ("steady", "end_to_end"):
-                    per_repeat = [
-                        round((a[k] or 0.0) / b[k], 3) if b[k] else 0.0
-                        for a, b in zip(runs["pipeline"], runs[base], strict=True)
-                    ]
-                    ratio[k] = round(_common.median(per_repeat), 3)
-                    ratio[f"{k}_per_repeat"] = per_repeat
-                ratios[f"pipeline_vs_{base}"] = ratio
+                    r = _common.ratio(runs, "pipeline", base, k)
+                    ratios[f"pipeline_vs_{base}"].update({k: r["median"], f"{k}_per_repeat": r["per_repeat"]})
     _common.emit(
         {
             "benchmark": "labeling_throughput",
