@@ -1,5 +1,6 @@
 import contextlib
 import json
+import shutil
 
 import pytest
 from fastapi.testclient import TestClient
@@ -80,3 +81,4 @@ def running_server(data_dir, digits_root, **env: str):
             head = cluster.Head(**json.loads(record.read_text()))
             if cluster._alive(head.pid):
                 cluster.stop_head(head)
+            shutil.rmtree(head.temp_dir, ignore_errors=True)  # its logs and sockets, under /tmp

@@ -5,6 +5,7 @@ source image exactly once in the predictions or the rejects, or resume training 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -38,6 +39,7 @@ def run_scenario(scenario: str, workdir: str, timeout: float = 600) -> dict:
     finally:
         kill_process_tree(proc, f"nst-faults-{proc.pid}")
     assert proc.returncode == 0, output.decode(errors="replace")[-4000:]
+    shutil.rmtree(f"/tmp/nst-faults-{proc.pid}", ignore_errors=True)  # its cluster's logs: kept when it failed
     with open(os.path.join(workdir, "result.json")) as f:
         return json.load(f)
 
