@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from fastapi.testclient import TestClient
@@ -232,3 +233,4 @@ def test_the_local_head_keeps_its_token_and_record_private(tmp_path):
         assert head.token in (state / "head.json").read_text()
     finally:
         cluster.stop_head(head)
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
