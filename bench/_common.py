@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -162,7 +162,41 @@ def _memory_kib(pid: int, *, pss: bool) -> tuple[int, int]:
     return rss, proportional
 
 
-class TreeMemory:
+class _TreeSampler:
+    """Calls ``sample()`` in a thread, at once and every SAMPLE_SECONDS from ``start()``, and once more at
+    ``stop()``; a context manager too."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(SAMPLE_SECONDS):
+                return
+
+
+class TreeMemory(_TreeSampler):
     """Samples the summed memory of a process and all its descendants every SAMPLE_SECONDS, in a thread.
 
     ``rss`` double-counts pages that several processes share (the Ray object store is shared memory mapped
@@ -174,22 +208,12 @@ class TreeMemory:
     PSS_EVERY = 10
 
     def __init__(self, pid: int, *, pss: bool = True):
-        self.pid = pid
+        super().__init__(pid)
         self.pss = pss
         self.peak_rss = self.peak_pss = 0
         self.peak_processes = 0
         self.samples = 0
         self.at_peak: list[tuple[str, float]] = []  # (process, RSS MiB) at the peak of the summed RSS
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def sample(self) -> None:
         pids = tree_pids(self.pid)
@@ -207,11 +231,6 @@ class TreeMemory:
         self.peak_pss = max(self.peak_pss, pss * 1024)
         self.peak_processes = max(self.peak_processes, len(pids))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(SAMPLE_SECONDS)
-
     def report(self) -> dict[str, Any]:
         out = {
             "peak_rss_mib": round(self.peak_rss / 2**20, 1),
@@ -224,51 +243,39 @@ class TreeMemory:
         return out
 
 
-class TreeCPU:
-    """The CPU seconds (user and system) that a process and all its descendants use between ``__enter__`` and
-    ``__exit__``, by process, read from /proc every SAMPLE_SECONDS in a thread. A process that ends between two
+class TreeCPU(_TreeSampler):
+    """The CPU seconds (user and system) that a process and all its descendants use between ``start()`` and
+    ``stop()``, by process, read from /proc every SAMPLE_SECONDS in a thread. A process that ends between two
     samples loses its last fraction of a sample; one that starts and ends between two is missed."""
 
     def __init__(self, pid: int | None = None):
-        self.pid = pid or os.getpid()
+        super().__init__(pid or os.getpid())
         self.first: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.names: dict[int, list[str]] = {}  # every name a process had: a Ray worker's follows its tasks
         self.wall = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> TreeCPU:
+    def start(self) -> Self:
         self.sample()
         self.first = dict(self.last)
         self._started = time.perf_counter()
-        self._thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+        super().stop()
         self.wall = time.perf_counter() - self._started
-
-    def __enter__(self) -> TreeCPU:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def sample(self) -> None:
         for p in tree_pids(self.pid):
             stat = _stat(p)
-            if stat is not None:
-                self.last[p] = stat[1]
+            if stat is None:
+                continue
+            # A process's name is read again only when it has run since: a Ray worker's changes with its task.
+            if self.last.get(p) != stat[1]:
                 names, name = self.names.setdefault(p, []), _name(p) or f"pid {p}"
                 if name not in names and (name != "ray::IDLE" or not names):
                     names.append(name)
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
-            self.sample()
+            self.last[p] = stat[1]
 
     def _label(self, pid: int) -> str:
         """A Ray worker by the tasks it ran or its actor (``ray::TrainController``, not each method); any other
@@ -299,14 +306,12 @@ def run_phase(script: str, args: list[str], *, memory: bool = False, timeout: fl
     cmd = [sys.executable, script, *args]
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = TreeMemory(proc.pid) if memory else None
-    if sampler:
-        sampler.__enter__()
+    sampler = TreeMemory(proc.pid).start() if memory else None
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
         if sampler:
-            sampler.__exit__(None, None, None)
+            sampler.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{err[-4000:]}")
     lines = [line for line in out.splitlines() if line.startswith("{")]
