@@ -66,8 +66,14 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
+def median(values: list[float | None], digits: int | None = None) -> float | None:
+    """The median of the figures that were measured (a run too short for a steady state has none), rounded to
+    ``digits`` when given; None when none was."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    middle = float(statistics.median(known))
+    return middle if digits is None else round(middle, digits)
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -347,9 +353,10 @@ def ratio(runs: dict[str, list[dict]], way: str, base: str, key: str) -> dict[st
     """``way`` over ``base`` on ``key`` in each repeat (two runs made next to each other), and the median of
     those: not the ratio of the medians, which pairs figures from different moments of a drifting machine."""
     per_repeat = [
-        round((a[key] or 0.0) / b[key], 3) if b[key] else 0.0 for a, b in zip(runs[way], runs[base], strict=True)
+        round(a[key] / b[key], 3) if a[key] is not None and b[key] else None
+        for a, b in zip(runs[way], runs[base], strict=True)
     ]
-    return {"median": round(median(per_repeat), 3), "per_repeat": per_repeat}
+    return {"median": median(per_repeat, 3), "per_repeat": per_repeat}
 
 
 def phase_result(result: dict[str, Any]) -> None:

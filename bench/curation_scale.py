@@ -303,7 +303,7 @@ def main() -> None:
         check = _common.run_phase(SCRIPT, ["--phase", "check", "--out", str(scratch / "ray-0"), *common, *pandas_out])
 
     def med(way: str, key: str) -> float:
-        return round(_common.median([x["memory"][key] if key.startswith("peak") else x[key] for x in runs[way]]), 1)
+        return _common.median([x["memory"][key] if key.startswith("peak") else x[key] for x in runs[way]], 1)
 
     summary = {
         w: {k: med(w, k) for k in ("rows", "rows_per_second", "seconds", "peak_rss_mib", "peak_pss_mib")} for w in runs

@@ -171,9 +171,7 @@ def main() -> None:
     common = phase_inputs(args, "gpu-label-bench-")
     runs, loads = _common.interleaved(SCRIPT, ways, common, args.repeats)
 
-    summary = {
-        w: {k: round(_common.median([x[k] or 0.0 for x in runs[w]]), 2) for k in ("steady", "end_to_end")} for w in ways
-    }
+    summary = {w: {k: _common.median([x[k] for x in runs[w]], 2) for k in ("steady", "end_to_end")} for w in ways}
     ratios = {}
     for way in ways[1:]:
         ratios[f"{way}_vs_model"] = _common.ratio(runs, way, "model", "steady")

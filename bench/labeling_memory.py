@@ -109,7 +109,7 @@ def main() -> None:
     small, large = str(args.small), str(args.large)
     summary = {k: {"peak_rss_mib": med(k, "peak_rss_mib"), "peak_pss_mib": med(k, "peak_pss_mib")} for k in runs}
     for k in (small, large):
-        summary[k]["images_per_second"] = round(_common.median([x["images_per_second"] for x in runs[k]]), 1)
+        summary[k]["images_per_second"] = _common.median([x["images_per_second"] for x in runs[k]], 1)
     growth = {f: round(summary[large][f] / summary[small][f] - 1, 4) for f in ("peak_rss_mib", "peak_pss_mib")}
     _common.emit(
         {

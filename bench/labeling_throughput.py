@@ -296,7 +296,7 @@ def main() -> None:
     runs, loads = _common.interleaved(SCRIPT, ways, common, args.repeats)
 
     summary = {
-        w: {k: round(_common.median([x[k] for x in runs[w]]), 2) for k in ("steady", "end_to_end", "cpu_seconds")}
+        w: {k: _common.median([x[k] for x in runs[w]], 2) for k in ("steady", "end_to_end", "cpu_seconds")}
         for w in ways
     }
     ratios: dict[str, dict] = {}
@@ -327,7 +327,7 @@ def main() -> None:
             "images_per_second_median": summary,
             "ratios": ratios,
             "bar": {
-                f"pipeline/{base} >= {bar} ({k})": ratios.get(f"pipeline_vs_{base}", {}).get(k, 0) >= bar
+                f"pipeline/{base} >= {bar} ({k})": (ratios.get(f"pipeline_vs_{base}", {}).get(k) or 0.0) >= bar
                 for base, k, bar in (
                     ("ceiling", "steady", 0.8),
                     ("ceiling", "end_to_end", 0.85),

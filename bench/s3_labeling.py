@@ -263,7 +263,7 @@ def main() -> None:
             per_repeat[name] = [
                 round(a["steady"] / b["steady"], 3) for a, b in zip(runs[num], runs[den]) if a["steady"] and b["steady"]
             ]
-    medians = {name: round(_common.median(v), 3) for name, v in per_repeat.items() if v}
+    medians = {name: _common.median(v, 3) for name, v in per_repeat.items() if v}
     name, bar = BAR
     _common.emit(
         {
@@ -287,12 +287,12 @@ def main() -> None:
                 "ways": ways,
             },
             "steady_images_per_second_median": {
-                w: round(_common.median([x["steady"] for x in runs[w] if x["steady"]]), 2)
+                w: _common.median([x["steady"] for x in runs[w] if x["steady"]], 2)
                 for w in ways
                 if any(x["steady"] for x in runs[w])
             },
             "end_to_end_images_per_second_median": {
-                w: round(_common.median([x["end_to_end"] for x in runs[w]]), 2) for w in ways
+                w: _common.median([x["end_to_end"] for x in runs[w]], 2) for w in ways
             },
             "ratios_per_repeat": per_repeat,
             "ratios_median": medians,
