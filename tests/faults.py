@@ -28,7 +28,7 @@ import ray
 import ray._private.utils
 from ray.cluster_utils import Cluster
 
-from tests.helpers import checkpoint_registered, untrained_model, write_pool
+from tests.helpers import checkpoint_registered, faults_temp_dir, untrained_model, write_pool
 from trainer.stall import StallError
 
 # Cluster writes its address to /tmp/ray/ray_current_cluster, where any `ray.init()` on the machine would find
@@ -42,7 +42,7 @@ TIMEOUT_S = 240  # a fault that never fires fails the scenario instead of waitin
 
 
 def start(workdir: str, worker_cpus: list[int], head_cpus: int) -> tuple[Cluster, list]:
-    temp_dir = os.path.join("/tmp", f"nst-faults-{os.getpid()}")
+    temp_dir = faults_temp_dir(os.getpid())
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -71,6 +71,12 @@ def untrained_model(
     return meta
 
 
+def faults_temp_dir(pid: int) -> str:
+    """The Ray temp dir of the private cluster that the fault scenario run by process ``pid`` starts
+    (``tests/faults.py``): its logs and sockets, and the marker of its processes' command lines."""
+    return os.path.join("/tmp", f"nst-faults-{pid}")
+
+
 def kill_process_tree(proc: subprocess.Popen, marker: str, timeout: float = 30) -> None:
     """SIGKILL ``proc``'s process group, then every process whose command line holds ``marker`` (a private Ray
     cluster's temp dir) until none is left: a Ray node's processes may outlive the process that started them."""

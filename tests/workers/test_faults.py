@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import sources, storage
-from tests.helpers import kill_process_tree, untrained_model, write_pool
+from tests.helpers import faults_temp_dir, kill_process_tree, untrained_model, write_pool
 from workers import ledger
 from workers.labeling import LabelConfig, label
 from workers.watchdog import StallError
@@ -34,12 +34,13 @@ def run_scenario(scenario: str, workdir: str, timeout: float = 600) -> dict:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    temp_dir = faults_temp_dir(proc.pid)
     try:
         output, _ = proc.communicate(timeout=timeout)
     finally:
-        kill_process_tree(proc, f"nst-faults-{proc.pid}")
+        kill_process_tree(proc, os.path.basename(temp_dir))
     assert proc.returncode == 0, output.decode(errors="replace")[-4000:]
-    shutil.rmtree(f"/tmp/nst-faults-{proc.pid}", ignore_errors=True)  # its cluster's logs: kept when it failed
+    shutil.rmtree(temp_dir, ignore_errors=True)  # its cluster's logs: kept when it failed
     with open(os.path.join(workdir, "result.json")) as f:
         return json.load(f)
 
