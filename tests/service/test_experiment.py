@@ -28,13 +28,14 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     assert arms["supervised"].mce == pytest.approx(100.0) and arms["supervised"].mfr == pytest.approx(100.0)
     assert all(r.mce is not None and r.mce > 0 for r in rows)
     # (60-step teachers and 40-step students: confident enough for some pseudo-labels over the demo's floor)
-    # the baseline has the final student's architecture, steps and seed; the larger student more parameters
+    # the baseline has the final student's architecture, steps and seed; the students more parameters than the
+    # teacher, the larger student more than they
     seed_3 = tmp_path / "seed-3"
     supervised = json.loads((seed_3 / "supervised" / "model" / "model.json").read_text())
     assert supervised["config"]["seed"] == 3 + 2
     assert arms["supervised"].parameters == arms["student-2"].parameters
     assert arms["supervised"].steps == arms["student-2"].steps == 40
-    assert arms["larger"].parameters > arms["student-1"].parameters
+    assert arms["larger"].parameters > arms["student-1"].parameters > arms["teacher"].parameters
     # the robustness suites ran on the 40 test images asked for
     assert supervised["metrics"]["robustness_images"] == 40
 
