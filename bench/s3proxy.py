@@ -17,7 +17,8 @@ replaceable or changeable at any time, from any thread) decide per request, with
   latency +- jitter (a remote store's round trip; 0.02 s is a same-region S3 GET's first byte).
 
 A request draws one fault at most (503, 500, reset, truncate, in that order of the shares). ``counts`` holds
-how many requests came in and how many of each fault were injected. Only loopback addresses are accepted as
+how many requests came in and how many of each fault were injected; ``faulted`` how many faults each request
+line (``"GET /bucket/key"``) drew. Only loopback addresses are accepted as
 upstream, and the proxy listens on loopback only.
 """
 
@@ -83,6 +84,7 @@ class FaultProxy:
         self.upstream = (parsed.hostname, parsed.port or 80)
         self.faults = faults or Faults()
         self.counts: Counter[str] = Counter()
+        self.faulted: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         proxy = self
@@ -112,6 +114,7 @@ class FaultProxy:
             self.faults = faults or Faults()
             self._rng.seed(seed)
             self.counts.clear()
+            self.faulted.clear()
 
     def start(self) -> FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy", daemon=True)
@@ -130,7 +133,7 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _draw(self, method: str) -> tuple[str, float]:
+    def _draw(self, method: str, path: str) -> tuple[str, float]:
         """The fault for one request ('' for none) and the seconds to wait before forwarding it."""
         f = self.faults
         with self._lock:
@@ -157,6 +160,7 @@ class FaultProxy:
                 fault = "reset"  # only a download can be cut half-way: a connection lost instead, same rate
             if fault:
                 self.counts[fault] += 1
+                self.faulted[f"{method} {path}"] += 1
         return fault, max(0.0, delay)
 
 
@@ -195,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _proxy(self) -> None:
         body = self._read_body()  # always, so that the connection stays in step whatever the fault
-        fault, delay = self.owner._draw(self.command)
+        fault, delay = self.owner._draw(self.command, self.path)
         if delay:
             threading.Event().wait(delay)
         if fault == "reset":

@@ -106,13 +106,12 @@ def evaluation(
 
 def _decoded(ds: ray.data.Dataset, config: TrainConfig, num_classes: int, *, noised: bool) -> ray.data.Dataset:
     """``ds``'s rows decoded (and noised), handed on a batch of PREPARE_BATCH_SIZE at a time."""
-    out = ds.map_batches(
+    out = storage.retry_on_store(ds).map_batches(
         _prepare,
         batch_format="pyarrow",
         batch_size=PREPARE_BATCH_SIZE,
         fn_kwargs={"config": config, "num_classes": num_classes, "noised": noised},
         num_cpus=DATA_CPUS,
-        **storage.RETRY_ON_STORE,
     )
     return _in_small_blocks(out, config, num_classes)
 
@@ -158,14 +157,14 @@ def _by_container(
     # costs a small cluster more in shuffle tasks than the reading itself.
     partitions = max(1, min(MAX_GROUP_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
     out = (
-        ds.map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"seed": seed, "times": times}, num_cpus=DATA_CPUS)
+        storage.retry_on_store(ds)
+        .map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"seed": seed, "times": times}, num_cpus=DATA_CPUS)
         .groupby(_GROUP, num_partitions=partitions)
         .map_groups(
             _prepare_group,
             batch_format="pyarrow",
             fn_kwargs={"config": config, "num_classes": num_classes, "noised": noised},
             num_cpus=DATA_CPUS,
-            **storage.RETRY_ON_STORE,
         )
     )
     return _in_small_blocks(out, config, num_classes)

@@ -514,8 +514,11 @@ def _labeling_dataset(
         reader, kwargs = read_container_units, {**kwargs, "out_uri": out_uri, "chunk_rows": config.decode_batch_size}
     # The unit numbers are blocks made here (from_items), not a range read: a read task would reserve a whole
     # CPU, which a one-CPU node running the teacher actor never has.
-    ds: ray.data.Dataset = ray.data.from_items(
-        [{"id": i} for i in range(len(units))], override_num_blocks=max(1, len(units))
+    # A store still failing after its client's retries fails a read or decode task, not its images; Ray Data
+    # runs it again a few times (each run retries every request again, about 13 s on a store that is down)
+    # before the job fails.
+    ds: ray.data.Dataset = storage.retry_on_store(
+        ray.data.from_items([{"id": i} for i in range(len(units))], override_num_blocks=max(1, len(units)))
     )
     ds = ds.map_batches(
         reader,
@@ -547,10 +550,6 @@ def _labeling_dataset(
             "device_decode": config.gpu_decode and "num_gpus" in resources,
         },
         num_cpus=decode_cpus,
-        # A store still failing after its client's retries fails the task, not its images; Ray runs it again a
-        # few times (each run retries every request again, about 25 s on a store that is down) before the job
-        # fails. Other errors are bugs: not retried.
-        **storage.RETRY_ON_STORE,
     )
     labeled = ds.map_batches(
         TeacherPredictor,

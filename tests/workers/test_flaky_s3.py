@@ -1,9 +1,10 @@
 """S3 that fails 10% of requests (503 SlowDown, 500 InternalError, connection resets, GET answers cut half-way;
 ``flaky_s3`` in tests/conftest.py): labeling, curation and training with every artifact on S3 finish with every
 image exactly once, no image rejected for a fault of the store, and a missing object still ``missing``; a store
-that keeps failing fails the task instead of rejecting its images."""
+that keeps failing fails the task instead of rejecting its images, and the task runs again."""
 
 import os
+import threading
 from collections import Counter
 
 import numpy as np
@@ -20,7 +21,8 @@ from tests.helpers import untrained_model, write_pool
 from tests.service.test_pipeline import small
 from trainer import models
 from workers import ledger
-from workers.labeling import read_and_decode
+from workers.config import LabelConfig
+from workers.labeling import label, read_and_decode
 
 FAULTS = ("slowdown", "internal", "reset", "truncate")
 
@@ -128,3 +130,45 @@ def test_a_generation_on_flaky_s3_loses_nothing_and_repeats_nothing(ray_cluster,
     assert not student.training and meta.metrics["test_images"] == 100
     assert any(u.endswith("/state.pt") for u in storage.list_files(bucket + "/g1/checkpoints"))
     assert all(flaky_s3.counts[f] > 0 for f in FAULTS), flaky_s3.counts
+
+
+def test_a_store_down_for_longer_than_a_tasks_retries_fails_the_task_which_runs_again(ray_cluster, s3_proxy, tmp_path):
+    """Every S3 request answered 500 until one request line has drawn more faults than one run of a task makes
+    attempts (S3_MAX_ATTEMPTS): its decode task failed with StorageUnavailable after its client's retries and
+    ran again. Then the store comes back, and the labeling finishes with every image labeled once, none rejected.
+    The manifest, the teacher and the outputs are local, so that only the image reads meet the outage."""
+    bucket = s3.new_bucket()
+    good, _ = write_pool(str(tmp_path / "pool"), good=12)
+    s3.upload_folder(str(tmp_path / "pool"), bucket + "/pool")
+    uris = [f"{bucket}/pool/{os.path.basename(p)}" for p in good]
+    manifest = str(tmp_path / "pool.parquet")
+    pq.write_table(
+        pa.table({"image_id": pa.array(sources.image_ids(uris), pa.int64()), "uri": pa.array(uris)}),
+        manifest,
+    )
+    teacher = str(tmp_path / "teacher")
+    untrained_model(teacher)
+
+    most: list[int] = []
+    done = threading.Event()
+
+    def end_outage_after_a_second_run() -> None:
+        while not done.wait(0.1):
+            counts = s3_proxy.faulted.most_common(1)
+            if counts and counts[0][1] > storage.S3_MAX_ATTEMPTS:
+                most.append(counts[0][1])
+                break
+        s3_proxy.reset()
+
+    s3_proxy.reset(Faults(internal=1.0))
+    watcher = threading.Thread(target=end_outage_after_a_second_run, daemon=True)
+    watcher.start()
+    try:
+        result = label(manifest, teacher, str(tmp_path / "labels"), LabelConfig(batch_size=4, decode_batch_size=4))
+    finally:
+        done.set()
+        watcher.join()
+    assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
+    assert result.images == result.predicted == len(uris) and result.rejected == {}
+    preds = pq.read_table(result.predictions_uri, columns=["uri"])
+    assert Counter(preds.column("uri").to_pylist()) == Counter(uris)
