@@ -5,6 +5,9 @@
 Measured here (this machine, one process, one thread): the CPU time per image of what the labeling job does
 on the CPU side for a ResNet-50-sized teacher: read the file, decode the JPEG, resize and crop to 224x224
 (``workers.labeling.read_and_decode``), on photo-like JPEGs of ImageNet's typical size (500x375, quality 90).
+With ``--sizes``, the same cost for larger photos too, with JPEG draft decoding (``DecodeConfig.draft``, the
+default: a JPEG at least twice the size needed is decoded at 1/2, 1/4 or 1/8 scale) and without it, and the
+mean absolute difference between the two ways' pixels.
 
 Assumed (published figures, not measured here; see docs/benchmarks.md):
 - GPU throughput of the teacher's forward pass, ResNet-50 at 224x224, mixed precision, batch 256, PyTorch:
@@ -39,25 +42,51 @@ VCPUS_PER_GPU = {"H100": 24, "T4": 12}
 MEAN_JPEG_BYTES = 110_000
 
 
-def decode_cost(count: int, width: int, height: int, size: int) -> dict:
-    """Seconds of one CPU per image for read + decode + resize/crop, over ``count`` photo-like JPEGs."""
+def decode_cost(count: int, width: int, height: int, size: int, *, draft: bool = True) -> dict:
+    """Seconds of one CPU per image for read + decode + resize/crop, over ``count`` photo-like JPEGs; and the
+    pixels of the last pass."""
     import numpy as np
 
+    from curation.imaging import DecodeConfig
     from workers.labeling import read_and_decode
 
     paths = _common.jpeg_pool(f"jpeg-{width}x{height}", count, width, height)
     batch = {"image_id": np.arange(len(paths)), "uri": np.array(paths, dtype=object)}
+    decode = DecodeConfig(draft=draft)
     read_and_decode({k: v[:8] for k, v in batch.items()}, size=size, crop_pct=1.0)  # warm the imports
     times = []
     for _ in range(3):
         t = time.process_time()
-        read_and_decode(batch, size=size, crop_pct=1.0)
+        out = read_and_decode(batch, size=size, crop_pct=1.0, decode=decode)
         times.append((time.process_time() - t) / len(paths))
     return {
         "seconds_per_image": _common.median(times),
         "images": len(paths),
         "mean_file_bytes": int(sum(os.path.getsize(p) for p in paths) / len(paths)),
+        "pixels": out["pixels"],
     }
+
+
+def by_source_size(sizes: list[tuple[int, int]], sample: int, size: int) -> list[dict]:
+    """Decode cost per source size, drafted and not (fewer images for larger sources: about as many pixels
+    as ``sample`` images of 500x375)."""
+    rows = []
+    for w, h in sizes:
+        count = max(16, round(sample * 500 * 375 / (w * h)))
+        full, drafted = (decode_cost(count, w, h, size, draft=d) for d in (False, True))
+        rows.append(
+            {
+                "source": f"{w}x{h}",
+                "images": count,
+                "full_ms_per_image": round(full["seconds_per_image"] * 1e3, 2),
+                "draft_ms_per_image": round(drafted["seconds_per_image"] * 1e3, 2),
+                "speed_up": round(full["seconds_per_image"] / drafted["seconds_per_image"], 2),
+                "mean_abs_pixel_difference": round(
+                    float(abs(full["pixels"].astype(int) - drafted["pixels"].astype(int)).mean()), 3
+                ),
+            }
+        )
+    return rows
 
 
 def plan(images: float, gpu_rate: float, cpu_seconds: float, gpus: int, vcpus_per_gpu: int) -> dict:
@@ -83,7 +112,13 @@ def main() -> None:
     p.add_argument("--overhead", type=float, default=1.25, help="CPU time per image / decode time per image")
     p.add_argument("--hours", type=float, default=24.0, help="target wall time for the sizing")
     p.add_argument("--sample", type=int, default=300, help="JPEGs decoded to measure the cost")
+    p.add_argument(
+        "--sizes",
+        default="500x375,1024x768,2048x1536,4032x3024",
+        help="source sizes (WxH, comma-separated) whose decode cost is measured drafted and not; '' for none",
+    )
     args = p.parse_args()
+    sizes = [(int(w), int(h)) for w, h in (s.split("x") for s in args.sizes.split(",") if s)]
 
     measured = decode_cost(args.sample, 500, 375, 224)
     cpu_seconds = measured["seconds_per_image"] * args.overhead
@@ -111,6 +146,7 @@ def main() -> None:
                 "sample_images": measured["images"],
                 "sample_mean_file_bytes": measured["mean_file_bytes"],
                 "source": "500x375 photo-like JPEG, q90, one thread",
+                "by_source_size": by_source_size(sizes, args.sample, 224),
             },
             "assumed": {
                 "gpu_images_per_second": rates,

@@ -1,6 +1,8 @@
 """Decoding one image: what is kept comes out with its real range, orientation and colours; everything else is
 a reject with its reason, and nothing else ever leaves decode_for_model."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -69,6 +71,33 @@ def test_exif_orientation_is_applied():
     top, bottom = pixels[:18].mean(axis=(0, 1)), pixels[22:].mean(axis=(0, 1))
     assert top[0] > 240 and top[2] < 15  # red on top
     assert bottom[2] > 240 and bottom[0] < 15  # blue below
+
+
+def _photo(w: int, h: int, fmt: str = "JPEG", orientation: int = 1) -> bytes:
+    """Smooth gradients, which a JPEG keeps as it keeps a photo."""
+    y, x = np.mgrid[0:h, 0:w]
+    channels = [255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 37) * np.cos(y / 23)]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(np.stack(channels, -1).astype(np.uint8)).save(buf, fmt, quality=90, exif=exif)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_never_below_the_size_needed():
+    data = _photo(1024, 768)
+    assert decode_rgb(data).size == (1024, 768)
+    assert decode_rgb(data, shorter_side=90).size == (128, 96)  # 1/8: both sides still at least 90
+    assert decode_rgb(data, shorter_side=200).size == (512, 384)  # 1/4 would give 192
+    assert decode_rgb(data, shorter_side=500).size == (1024, 768)  # not twice as large as needed
+    assert decode_rgb(data, DecodeConfig(draft=False), shorter_side=90).size == (1024, 768)
+    assert decode_rgb(_photo(1024, 768, "PNG"), shorter_side=90).size == (1024, 768)  # JPEGs only
+    # stored 1024 x 512, shown rotated: reduced, then turned
+    assert decode_rgb(_photo(1024, 512, orientation=6), shorter_side=100).size == (128, 256)
+    # what the model gets: the full decode's picture, to within rounding
+    drafted = decode_for_model(data, 64, 0.875).astype(int)
+    full = decode_for_model(data, 64, 0.875, DecodeConfig(draft=False)).astype(int)
+    assert drafted.shape == full.shape == (64, 64, 3) and np.abs(drafted - full).mean() < 1.0
 
 
 def test_transparent_palette_png_is_composited_on_the_background():
