@@ -69,10 +69,12 @@ RATIOS = {
     "s3_0ms / local": ("s3_0ms", "local"),
     "s3_20ms_serial / s3_0ms": ("s3_20ms_serial", "s3_0ms"),
     "wds_s3_20ms / s3_20ms": ("wds_s3_20ms", "s3_20ms"),
+    "wds_s3_20ms / local": ("wds_s3_20ms", "local"),
     "parquet_s3_20ms / s3_20ms": ("parquet_s3_20ms", "s3_20ms"),
 }
-# The bar: S3 objects at 20 ms reach at least this share of S3 objects at 0 ms (median of per-repeat ratios).
-BAR = ("s3_20ms / s3_0ms", 0.9)
+# The bars, on medians of per-repeat ratios: S3 objects at 20 ms reach at least 0.9 of S3 objects at 0 ms, and
+# WebDataset shards on S3 at 20 ms at least 0.95 of local files.
+BARS = {"s3_20ms / s3_0ms": 0.9, "wds_s3_20ms / local": 0.95}
 
 
 # ---------------------------------------------------------------------------------------------- the phase
@@ -264,7 +266,6 @@ def main() -> None:
                 round(a["steady"] / b["steady"], 3) for a, b in zip(runs[num], runs[den]) if a["steady"] and b["steady"]
             ]
     medians = {name: _common.median(v, 3) for name, v in per_repeat.items() if v}
-    name, bar = BAR
     _common.emit(
         {
             "benchmark": "s3_labeling",
@@ -296,7 +297,7 @@ def main() -> None:
             },
             "ratios_per_repeat": per_repeat,
             "ratios_median": medians,
-            "bar": {f"{name} >= {bar}": medians.get(name, 0) >= bar},
+            "bar": {f"{name} >= {bar}": medians[name] >= bar for name, bar in BARS.items() if name in medians},
             "runs": runs,
         }
     )
