@@ -106,7 +106,7 @@ def evaluation(
 
 def _decoded(ds: ray.data.Dataset, config: TrainConfig, num_classes: int, *, noised: bool) -> ray.data.Dataset:
     """``ds``'s rows decoded (and noised), handed on a batch of PREPARE_BATCH_SIZE at a time."""
-    out = storage.retry_on_store(ds).map_batches(
+    out = ds.map_batches(
         _prepare,
         batch_format="pyarrow",
         batch_size=PREPARE_BATCH_SIZE,
@@ -117,13 +117,14 @@ def _decoded(ds: ray.data.Dataset, config: TrainConfig, num_classes: int, *, noi
 
 
 def _in_small_blocks(ds: ray.data.Dataset, config: TrainConfig, num_classes: int) -> ray.data.Dataset:
-    """``ds`` with its decoding tasks handing on each PREPARE_BATCH_SIZE rows as they are made. By default a task
-    holds its output until it makes 128 MiB: a read block's images all decoded before the first training step
-    (seconds). One task still decodes a whole read block (or container); Ray Data's context is the dataset's
-    own."""
+    """``ds`` with its decoding tasks handing on each PREPARE_BATCH_SIZE rows as they are made, and run again when
+    the store fails them (``storage.retry_on_store``). By default a task holds its output until it makes 128 MiB:
+    a read block's images all decoded before the first training step (seconds). One task still decodes a whole
+    read block (or container); Ray Data's context is the dataset's own, and applies to every task of its
+    execution."""
     row_bytes = config.input_size**2 * 3 + 4 * num_classes + 256  # pixels, target, URI and label
     ds.context.target_max_block_size = PREPARE_BATCH_SIZE * row_bytes
-    return ds
+    return storage.retry_on_store(ds)
 
 
 def read_manifest(uri: str, columns: list[str]) -> ray.data.Dataset:
@@ -157,8 +158,7 @@ def _by_container(
     # costs a small cluster more in shuffle tasks than the reading itself.
     partitions = max(1, min(MAX_GROUP_PARTITIONS, int(ray.cluster_resources().get("CPU", 1))))
     out = (
-        storage.retry_on_store(ds)
-        .map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"seed": seed, "times": times}, num_cpus=DATA_CPUS)
+        ds.map_batches(_add_group, batch_format="pyarrow", fn_kwargs={"seed": seed, "times": times}, num_cpus=DATA_CPUS)
         .groupby(_GROUP, num_partitions=partitions)
         .map_groups(
             _prepare_group,
