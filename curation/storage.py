@@ -222,9 +222,15 @@ def _read_one(uri: str, read: Callable[[str], bytes]) -> bytes | Exception:
     except MemoryError as e:  # an object too large to hold: about that object
         return e
     except (OSError, ValueError) as e:
-        if is_object_error(e):
-            return e
-        raise StorageUnavailable(f"{uri}: {type(e).__name__}: {e}"[:500]) from e
+        return object_error(uri, e)
+
+
+def object_error(uri: str, e: OSError | ValueError) -> OSError | ValueError:
+    """``e``, an error from reading ``uri``, if it is about that object (``is_object_error``); else raises it
+    as ``StorageUnavailable``, a fault of the store."""
+    if is_object_error(e):
+        return e
+    raise StorageUnavailable(f"{uri}: {type(e).__name__}: {e}"[:500]) from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:

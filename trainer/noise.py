@@ -133,9 +133,9 @@ def _fetch(uris: np.ndarray, max_file_bytes: int) -> Iterator[tuple[list[int], b
             plain[uri].append(i)
         else:
             contained[parts[0]][parts[1]].append(i)
-    # Plain files are read several at a time (a remote store's latency hidden). An object that is missing or
-    # forbidden comes back as its error, that image's skip; a store still failing after its client's retries
-    # raises storage.StorageUnavailable and fails the task, so no image is skipped for a fault of the store.
+    # Plain files are read several at a time (a remote store's latency hidden). An object or container that is
+    # missing or forbidden comes back as its error, its images' skip; a store still failing after its client's
+    # retries raises storage.StorageUnavailable and fails the task, so no image is skipped for a fault of the store.
     # Only regular files, of at most max_file_bytes, are read (curation.access); the rows' roots were checked by
     # the job before training started.
     policy = access.ReadPolicy(None, max_file_bytes)
@@ -152,7 +152,9 @@ def _fetch(uris: np.ndarray, max_file_bytes: int) -> Iterator[tuple[list[int], b
                 numbered = {int(m): m for m in left if m.isdigit()}
                 for row, data in shards.read_parquet_rows(container, numbered):
                     yield left.pop(numbered[row]), data
-        except Exception as e:  # noqa: BLE001 - OSError, tarfile.TarError...: members read before it are kept
+        except (OSError, ValueError) as e:  # a store that still fails: StorageUnavailable, the task's to retry
+            error = storage.object_error(container, e)
+        except Exception as e:  # noqa: BLE001 - tarfile.TarError...: members read before it are kept
             error = e
         for member, rows in left.items():
             yield rows, error or FileNotFoundError(f"{container} holds no member {member!r}")

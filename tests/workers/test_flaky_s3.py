@@ -3,9 +3,11 @@
 image exactly once, no image rejected for a fault of the store, and a missing object still ``missing``; a store
 that keeps failing fails the task instead of rejecting its images, and the task runs again."""
 
+import contextlib
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -17,9 +19,12 @@ from curation import imaging, sources, storage
 from service import pipeline
 from service.specs import GenerationSpec
 from tests import s3
+from tests.containers import write_webdataset
 from tests.helpers import untrained_model, write_pool
 from tests.service.test_pipeline import small
-from trainer import models
+from trainer import data as trainer_data
+from trainer import models, noise
+from trainer.config import TrainConfig
 from workers import ledger
 from workers.config import LabelConfig
 from workers.labeling import label, read_and_decode
@@ -132,11 +137,36 @@ def test_a_generation_on_flaky_s3_loses_nothing_and_repeats_nothing(ray_cluster,
     assert all(flaky_s3.counts[f] > 0 for f in FAULTS), flaky_s3.counts
 
 
-def test_a_store_down_for_longer_than_a_tasks_retries_fails_the_task_which_runs_again(ray_cluster, s3_proxy, tmp_path):
+@contextlib.contextmanager
+def outage_until_a_task_runs_again(proxy) -> Iterator[list[int]]:
     """Every S3 request answered 500 until one request line has drawn more faults than one run of a task makes
-    attempts (S3_MAX_ATTEMPTS): its decode task failed with StorageUnavailable after its client's retries and
-    ran again. Then the store comes back, and the labeling finishes with every image labeled once, none rejected.
-    The manifest, the teacher and the outputs are local, so that only the image reads meet the outage."""
+    attempts (S3_MAX_ATTEMPTS): the task that made them failed with StorageUnavailable after its client's retries
+    and ran again. Then the store comes back. Yields a list that holds that line's count once it happened."""
+    most: list[int] = []
+    done = threading.Event()
+
+    def end_outage_after_a_second_run() -> None:
+        while not done.wait(0.1):
+            counts = proxy.faulted.most_common(1)
+            if counts and counts[0][1] > storage.S3_MAX_ATTEMPTS:
+                most.append(counts[0][1])
+                break
+        proxy.reset()
+
+    proxy.reset(Faults(internal=1.0))
+    watcher = threading.Thread(target=end_outage_after_a_second_run, daemon=True)
+    watcher.start()
+    try:
+        yield most
+    finally:
+        done.set()
+        watcher.join()
+
+
+def test_a_store_down_for_longer_than_a_tasks_retries_fails_the_task_which_runs_again(ray_cluster, s3_proxy, tmp_path):
+    """Labeling through an outage that outlasts a decode task's client retries: the task runs again, and every
+    image is labeled once, none rejected. The manifest, the teacher and the outputs are local, so that only the
+    image reads meet the outage."""
     bucket = s3.new_bucket()
     good, _ = write_pool(str(tmp_path / "pool"), good=12)
     s3.upload_folder(str(tmp_path / "pool"), bucket + "/pool")
@@ -149,26 +179,37 @@ def test_a_store_down_for_longer_than_a_tasks_retries_fails_the_task_which_runs_
     teacher = str(tmp_path / "teacher")
     untrained_model(teacher)
 
-    most: list[int] = []
-    done = threading.Event()
-
-    def end_outage_after_a_second_run() -> None:
-        while not done.wait(0.1):
-            counts = s3_proxy.faulted.most_common(1)
-            if counts and counts[0][1] > storage.S3_MAX_ATTEMPTS:
-                most.append(counts[0][1])
-                break
-        s3_proxy.reset()
-
-    s3_proxy.reset(Faults(internal=1.0))
-    watcher = threading.Thread(target=end_outage_after_a_second_run, daemon=True)
-    watcher.start()
-    try:
+    with outage_until_a_task_runs_again(s3_proxy) as most:
         result = label(manifest, teacher, str(tmp_path / "labels"), LabelConfig(batch_size=4, decode_batch_size=4))
-    finally:
-        done.set()
-        watcher.join()
     assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
     assert result.images == result.predicted == len(uris) and result.rejected == {}
     preds = pq.read_table(result.predictions_uri, columns=["uri"])
     assert Counter(preds.column("uri").to_pylist()) == Counter(uris)
+
+
+@pytest.mark.parametrize("by_container", [False, True], ids=["objects", "tar-shards"])
+def test_training_data_rides_out_a_store_down_for_longer_than_a_tasks_retries(
+    ray_cluster, s3_proxy, tmp_path, by_container
+):
+    """Training's evaluation stream through the same outage, from S3 objects and from tar shards on S3 (decoded a
+    shard at a time after a grouping): the task runs again, and every image comes out once, none skipped."""
+    bucket = s3.new_bucket()
+    if by_container:
+        _, labels, _ = write_webdataset(str(tmp_path / "wds"), 2, 4)
+        s3.upload_folder(str(tmp_path / "wds"), bucket + "/wds")
+        uris = [bucket + "/wds/" + os.path.relpath(u, tmp_path / "wds") for u in labels]
+    else:
+        good, _ = write_pool(str(tmp_path / "pool"), good=8)
+        s3.upload_folder(str(tmp_path / "pool"), bucket + "/pool")
+        uris = [f"{bucket}/pool/{os.path.basename(p)}" for p in good]
+    manifest = pa.table({"uri": uris, "label": pa.array(range(len(uris)), pa.int32())})  # a class per image
+    config = TrainConfig(architecture="test_resnet", input_size=16)
+
+    with outage_until_a_task_runs_again(s3_proxy) as most:
+        ds = trainer_data.evaluation(
+            ray_cluster.data.from_arrow(manifest), config, len(uris), by_container=by_container
+        )
+        out = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
+    assert (np.concatenate([b[noise.SKIP] for b in out]) == noise.KEPT).all()
+    assert sorted(np.concatenate([b["label"] for b in out]).tolist()) == list(range(len(uris)))
