@@ -11,9 +11,13 @@ Three ways to label the same photo-like JPEG files (local disk) with the same un
   image decoded and resized in CPU tasks.
 - ``gpu_decode``: the same with ``gpu_decode=True``: baseline JPEGs passed through as bytes and decoded in
   batches on the teacher's GPU (``torchvision.io.decode_jpeg``), the rest on the CPU.
+- ``cpu_decode_only``: the pipeline's reading and decoding alone (``read_and_decode`` in Ray Data tasks on the
+  same cluster, no model, no writes): how fast the CPUs could feed the teacher.
+- ``gpu_decode_only``: ``decode_on_device`` alone on the GPU (decoding, resizing and cropping batches of bytes
+  read beforehand): how fast the teacher's GPU could decode for itself.
 
-On a machine without a CUDA device the GPU part is skipped, with a message saying so, and ``model`` and
-``cpu_decode`` are measured on the CPU (fp32), so the script always runs to completion.
+On a machine without a CUDA device the GPU part is skipped, with a message saying so, and ``model``,
+``cpu_decode`` and ``cpu_decode_only`` are measured on the CPU (fp32), so the script always runs to completion.
 
 The ways are interleaved within each repeat (A B C, then C B A, ...) so that a machine whose speed drifts
 affects each about equally; each way runs in its own process. Reported: per repeat, each pipeline's steady
@@ -117,6 +121,61 @@ def _phase_pipeline(args, gpu_decode: bool) -> dict:
     }
 
 
+def phase_cpu_decode_only(args) -> dict:
+    import ray
+
+    from curation import tables
+    from workers.config import LabelConfig
+    from workers.labeling import DECODE_CPUS, READ_CPUS, read_and_decode
+
+    size, crop_pct = _teacher_geometry(args.teacher)
+    rows = LabelConfig().decode_batch_size
+    with _common.ray_cluster(num_cpus=args.cpus):
+        # Cut into blocks of a decode batch, as the pipeline does, so that decoding runs on every CPU.
+        ds = tables.repartition(ray.data.read_parquet(args.manifest), rows, num_cpus=READ_CPUS).map_batches(
+            read_and_decode,
+            batch_size=rows,
+            batch_format="numpy",
+            fn_kwargs={"size": size, "crop_pct": crop_pct},
+            num_cpus=DECODE_CPUS,
+        )
+        outputs = []
+        started = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            outputs.append((time.perf_counter(), len(batch["image_id"])))
+    images = sum(n for _, n in outputs)
+    return {"images": images, "steady": steady_rate(outputs), "end_to_end": images / (outputs[-1][0] - started)}
+
+
+def phase_gpu_decode_only(args) -> dict:
+    import torch
+
+    from workers.labeling import decode_on_device
+
+    size, crop_pct = _teacher_geometry(args.teacher)
+    device = torch.device("cuda")
+    paths = json.loads(Path(args.paths).read_text())[: args.images]
+    datas = [Path(p).read_bytes() for p in paths]
+    batches = [datas[i : i + args.batch_size] for i in range(0, len(datas), args.batch_size)]
+    decode_on_device(batches[0], size, crop_pct, device)  # the decoder's and the allocator's first use
+    torch.cuda.synchronize()
+    outputs = []
+    started = time.perf_counter()
+    for batch in batches:
+        pixels, _ = decode_on_device(batch, size, crop_pct, device)
+        torch.cuda.synchronize()
+        outputs.append((time.perf_counter(), pixels.shape[0]))
+    images = sum(n for _, n in outputs)
+    return {"images": images, "steady": steady_rate(outputs), "end_to_end": images / (outputs[-1][0] - started)}
+
+
+def _teacher_geometry(teacher: str) -> tuple[int, float]:
+    from trainer.meta import load_meta
+
+    meta = load_meta(teacher)
+    return meta.input_size, meta.crop_pct
+
+
 def phase_cpu_decode(args) -> dict:
     return _phase_pipeline(args, gpu_decode=False)
 
@@ -125,7 +184,13 @@ def phase_gpu_decode(args) -> dict:
     return _phase_pipeline(args, gpu_decode=True)
 
 
-PHASES = {"model": phase_model, "cpu_decode": phase_cpu_decode, "gpu_decode": phase_gpu_decode}
+PHASES = {
+    "model": phase_model,
+    "cpu_decode": phase_cpu_decode,
+    "gpu_decode": phase_gpu_decode,
+    "cpu_decode_only": phase_cpu_decode_only,
+    "gpu_decode_only": phase_gpu_decode_only,
+}
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -155,7 +220,7 @@ def main() -> None:
         return
 
     cuda = has_cuda()
-    ways = ["model", "cpu_decode", "gpu_decode"] if cuda else ["model", "cpu_decode"]
+    ways = ["model", "cpu_decode", "cpu_decode_only"] + (["gpu_decode", "gpu_decode_only"] if cuda else [])
     if not cuda:
         print(
             "no CUDA device: the GPU part (bf16 model-only on the GPU, GPU decoding) is skipped; measuring the "
@@ -180,6 +245,7 @@ def main() -> None:
             "benchmark": "gpu_labeling",
             "machine": machine,
             "gpu_part": "measured" if cuda else "skipped: no CUDA device",
+            "note": "ratios are each way's steady rate over the model's: what share of the GPU's rate it could feed",
             "config": {
                 "images": args.images,
                 "source": f"{args.source_size}x{args.source_size} JPEG (q90)",

@@ -63,9 +63,11 @@ class LabelConfig(Config):
         "which the job fails with a StallError naming what waits on what; none: wait forever",
     )
     gpu_decode: bool = Field(
-        True,
+        False,
         description="where the teacher actors have GPUs, decode baseline JPEGs on the GPU, in batches "
-        "(imaging.device_decodable); every other image is decoded on the CPU as without it",
+        "(imaging.device_decodable); every other image is decoded on the CPU as without it. Off by default: "
+        "with 256 px sources and 16 vCPUs per GPU, decoding on the CPUs fed an H200 1.3-1.7x faster "
+        "(docs/benchmarks.md, GPU labeling)",
     )
     decode: imaging.DecodeConfig = Field(
         default_factory=imaging.DecodeConfig,

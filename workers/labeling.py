@@ -177,6 +177,9 @@ def decode_on_device(
                 images.append(None)
     out = torch.zeros((len(datas), size, size, 3), dtype=torch.uint8, device=device)
     verdicts = [("", "")] * len(datas)
+    # Images of the same size are resized together: one interpolation for each size in the batch, not for each
+    # image, which would leave the device waiting on the kernel launches of hundreds of small images.
+    by_size: dict[tuple[int, int], list[int]] = {}
     for j, img in enumerate(images):
         if img is None:
             try:
@@ -184,15 +187,20 @@ def decode_on_device(
             except imaging.RejectedImage as e:
                 verdicts[j] = (e.reason, e.detail)
             continue
-        h, w = img.shape[-2:]
+        by_size.setdefault(tuple(img.shape[-2:]), []).append(j)
+    for (h, w), idx in by_size.items():
         scale = size / crop_pct / min(w, h)
         rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
         resized = F.interpolate(
-            img.unsqueeze(0).float(), size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
-        )[0]
+            torch.stack([images[j] for j in idx]).float(),
+            size=(rh, rw),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         left, top = (rw - size) // 2, (rh - size) // 2
-        crop = resized[:, top : top + size, left : left + size]
-        out[j] = crop.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        crop = resized[:, :, top : top + size, left : left + size]
+        out[torch.tensor(idx, device=device)] = crop.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return out, verdicts
 
 
@@ -242,7 +250,7 @@ class TeacherPredictor:
         classes = np.zeros((n_ok, self.top_k), dtype=np.int32)
         if n_ok:
             if on_device:
-                pixels = decoded[torch.from_numpy(ok).to(self.device)]
+                pixels = decoded if ok.all() else decoded[torch.from_numpy(ok).to(self.device)]
             else:
                 pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -275,8 +283,12 @@ class TeacherPredictor:
         of those that the CPU fallback rejected."""
         import torch
 
-        # A copy: Ray may hand the batch over as read-only views of its object store.
-        pixels = torch.from_numpy(np.array(batch["pixels"])).to(self.device)
+        # Only the rows decoded on the CPU travel to the device: the passed-through rows' pixels are zeros.
+        host = batch["pixels"]
+        pixels = torch.zeros(host.shape, dtype=torch.uint8, device=self.device)
+        on_cpu = np.nonzero(~batch["on_device"])[0]
+        if len(on_cpu):
+            pixels[torch.from_numpy(on_cpu).to(self.device)] = torch.from_numpy(host[on_cpu]).to(self.device)
         rows = np.nonzero(batch["on_device"])[0]
         decoded, verdicts = decode_on_device(
             [bytes(batch["data"][r]) for r in rows], self.meta.input_size, self.meta.crop_pct, self.device, self.decode
