@@ -14,7 +14,9 @@ replaceable or changeable at any time, from any thread) decide per request, with
   then reset (a download that breaks mid-way); other requests that draw it are reset instead;
 - ``slow`` / ``slow_seconds``: share delayed by that many more seconds before forwarding;
 - ``latency_seconds`` / ``jitter_seconds``: added to every request before forwarding, uniform in
-  latency +- jitter (a remote store's round trip; 0.02 s is a same-region S3 GET's first byte).
+  latency +- jitter (a remote store's round trip; 0.02 s is a same-region S3 GET's first byte);
+- ``paths_with``: only requests whose path contains it draw faults (all are delayed), such as ``".tar"``
+  for an outage of the shards alone.
 
 A request draws one fault at most (503, 500, reset, truncate, in that order of the shares). ``counts`` holds
 how many requests came in and how many of each fault were injected; ``faulted`` how many faults each request
@@ -63,6 +65,8 @@ class Faults:
     slow_seconds: float = 0.5
     latency_seconds: float = 0.0
     jitter_seconds: float = 0.0
+    # Only requests whose path contains this are faulted (latency applies to all); empty: every request.
+    paths_with: str = ""
 
     def __post_init__(self) -> None:
         if self.slowdown + self.internal + self.reset + self.truncate > 1.0:
@@ -146,6 +150,8 @@ class FaultProxy:
                 delay += f.slow_seconds
                 self.counts["slow"] += 1
             fault = ""
+            if f.paths_with and f.paths_with not in path:
+                x = 1.0  # the draw is made all the same, so that a seed gives the same sequence either way
             for name, share in (
                 ("slowdown", f.slowdown),
                 ("internal", f.internal),

@@ -614,19 +614,28 @@ def read_container_units(
     """The images of read units ``units[batch["id"]]`` of a WebDataset (a tar shard each) or parquet-bytes
     source (a row group each) as (image_id, uri, data, shard) tables of at most ``chunk_rows`` rows, less
     the ids in ``skip_ids``. A tar shard is streamed once, start to end; then its size is recorded in the
-    ledger (``ledger.record_size``), so that a resumed run knows whether it is finished."""
+    ledger (``ledger.record_size``), so that a resumed run knows whether it is finished. A store that still
+    fails after its client's retries fails the task with ``storage.StorageUnavailable``, which Ray Data runs
+    again (``storage.retry_on_store``); a shard that does not exist or may not be read fails the job."""
     for i in batch["id"]:
         first, _ = (int(v) for v in units[int(i)])
         if isinstance(plan, ledger.TarPlan):
+            uri = plan.files[first]
             images = 0
-            for rows in sources.read_tar_images(plan.files[first], chunk_rows=chunk_rows):
-                images += rows.num_rows
-                yield from _unit_rows(rows, first, skip_ids)
+            try:
+                for rows in sources.read_tar_images(uri, chunk_rows=chunk_rows):
+                    images += rows.num_rows
+                    yield from _unit_rows(rows, first, skip_ids)
+            except OSError as e:
+                raise storage.object_error(uri, e) from e
             ledger.record_size(out_uri, first, images)
         else:
-            file_uri, group, _, _ = plan.locate(first)
-            for rows in sources.read_parquet_images(file_uri, group, chunk_rows=chunk_rows):
-                yield from _unit_rows(rows, first, skip_ids)
+            uri, group, _, _ = plan.locate(first)
+            try:
+                for rows in sources.read_parquet_images(uri, group, chunk_rows=chunk_rows):
+                    yield from _unit_rows(rows, first, skip_ids)
+            except OSError as e:
+                raise storage.object_error(uri, e) from e
 
 
 def _unit_rows(rows: pa.Table, shard: int, skip_ids: np.ndarray) -> Iterator[pa.Table]:

@@ -138,10 +138,11 @@ def test_a_generation_on_flaky_s3_loses_nothing_and_repeats_nothing(ray_cluster,
 
 
 @contextlib.contextmanager
-def outage_until_a_task_runs_again(proxy) -> Iterator[list[int]]:
+def outage_until_a_task_runs_again(proxy, paths_with: str = "") -> Iterator[list[int]]:
     """Every S3 request answered 500 until one request line has drawn more faults than one run of a task makes
     attempts (S3_MAX_ATTEMPTS): the task that made them failed with StorageUnavailable after its client's retries
-    and ran again. Then the store comes back. Yields a list that holds that line's count once it happened."""
+    and ran again. Then the store comes back. Yields a list that holds that line's count once it happened.
+    With ``paths_with``, only requests whose path contains it fail."""
     most: list[int] = []
     done = threading.Event()
 
@@ -153,7 +154,7 @@ def outage_until_a_task_runs_again(proxy) -> Iterator[list[int]]:
                 break
         proxy.reset()
 
-    proxy.reset(Faults(internal=1.0))
+    proxy.reset(Faults(internal=1.0, paths_with=paths_with))
     watcher = threading.Thread(target=end_outage_after_a_second_run, daemon=True)
     watcher.start()
     try:
@@ -181,6 +182,31 @@ def test_a_store_down_for_longer_than_a_tasks_retries_fails_the_task_which_runs_
 
     with outage_until_a_task_runs_again(s3_proxy) as most:
         result = label(manifest, teacher, str(tmp_path / "labels"), LabelConfig(batch_size=4, decode_batch_size=4))
+    assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
+    assert result.images == result.predicted == len(uris) and result.rejected == {}
+    preds = pq.read_table(result.predictions_uri, columns=["uri"])
+    assert Counter(preds.column("uri").to_pylist()) == Counter(uris)
+
+
+def test_labeling_tar_shards_rides_out_a_store_down_for_longer_than_a_tasks_retries(ray_cluster, s3_proxy, tmp_path):
+    """Labeling a WebDataset on S3 while its shards' reads fail for longer than a read task's client retries (the
+    listing of the shards, the teacher and the outputs are not faulted): the read task fails with
+    StorageUnavailable and runs again, and every image is labeled once, none rejected."""
+    bucket = s3.new_bucket()
+    _, labels, _ = write_webdataset(str(tmp_path / "wds"), 2, 4)
+    s3.upload_folder(str(tmp_path / "wds"), bucket + "/wds")
+    uris = [bucket + "/wds/" + os.path.relpath(u, tmp_path / "wds") for u in labels]
+    teacher = str(tmp_path / "teacher")
+    untrained_model(teacher)
+
+    with outage_until_a_task_runs_again(s3_proxy, paths_with=".tar") as most:
+        result = label(
+            bucket + "/wds",
+            teacher,
+            str(tmp_path / "labels"),
+            LabelConfig(batch_size=4, decode_batch_size=4),
+            source_format="webdataset",
+        )
     assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
     assert result.images == result.predicted == len(uris) and result.rejected == {}
     preds = pq.read_table(result.predictions_uri, columns=["uri"])
