@@ -105,6 +105,7 @@ def _phase_pipeline(args, gpu_decode: bool) -> dict:
             torch_threads=args.threads,
             rows_per_file=args.rows_per_file,
             gpu_decode=gpu_decode,
+            gpus_per_actor=args.gpus_per_actor,
         )
         t1 = time.perf_counter()
         result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
@@ -207,6 +208,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads of CPU phases")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
     p.add_argument("--rows-per-file", type=int, default=256, help="pipeline: rows per predictions file (a commit)")
+    p.add_argument(
+        "--gpus-per-actor", type=float, default=1.0, help="pipeline: GPU share of a teacher actor (0.5: two a GPU)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -233,7 +237,7 @@ def main() -> None:
         import torch
 
         machine["gpu"] = torch.cuda.get_device_name()
-    common = phase_inputs(args, "gpu-label-bench-")
+    common = [*phase_inputs(args, "gpu-label-bench-"), "--gpus-per-actor", str(args.gpus_per_actor)]
     runs, loads = _common.interleaved(SCRIPT, ways, common, args.repeats)
 
     summary = {w: {k: _common.median([x[k] for x in runs[w]], 2) for k in ("steady", "end_to_end")} for w in ways}
@@ -256,6 +260,7 @@ def main() -> None:
                 "torch_threads": args.threads,
                 "ray_cpus": args.cpus,
                 "rows_per_file": args.rows_per_file,
+                "gpus_per_actor": args.gpus_per_actor,
                 "repeats": args.repeats,
                 "ways": ways,
             },
