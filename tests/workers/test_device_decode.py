@@ -132,9 +132,10 @@ def test_device_path_labels_as_the_cpu_path(tmp_path: Path) -> None:
 
 def test_device_resize_matches_pil(tmp_path: Path) -> None:
     # The device's resize and crop against imaging.decode_for_model's, pixel by pixel, on the same decoder.
+    # Images of one size are resized together: two sizes come twice, with different content, interleaved.
     rng = np.random.default_rng(1)
     datas = []
-    for w, h in ((300, 200), (64, 64), (57, 181), (640, 480)):
+    for w, h in ((300, 200), (64, 64), (57, 181), (300, 200), (640, 480), (64, 64)):
         buf = io.BytesIO()
         _scene(rng, w, h).save(buf, "JPEG", quality=92)
         datas.append(buf.getvalue())
