@@ -332,6 +332,15 @@ class LabelsDatasink(ray.data.Datasink):
         return self.rows_per_file
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
+        """A store that still fails after its client's retries fails the task with ``StorageUnavailable``, which
+        Ray Data runs again: the run writes the same files under the same names, and its commit replaces what
+        an earlier run may have moved into place."""
+        try:
+            return self._write(blocks, ctx)
+        except OSError as e:
+            raise storage.object_error(self.out_uri, e) from e
+
+    def _write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
         counts: Counter[str] = Counter()
         shards: Counter[int] = Counter()
         name = f"part-{self.write_id}-{ctx.task_idx:06d}"
@@ -590,7 +599,11 @@ def read_units(
     parts = []
     for i in batch["id"]:
         first, stop = (int(v) for v in units[int(i)])
-        rows = sources.read_unlabeled(*plan.locate(first, stop))
+        where = plan.locate(first, stop)
+        try:
+            rows = sources.read_unlabeled(*where)
+        except OSError as e:  # a store that still fails: StorageUnavailable, the task's to run again
+            raise storage.object_error(where[0], e) from e
         shard = first + np.arange(rows.num_rows, dtype=np.int64) // plan.shard_rows
         keep = todo[shard]
         if skip_ids.size:

@@ -25,7 +25,7 @@ from tests.service.test_pipeline import small
 from trainer import data as trainer_data
 from trainer import models, noise
 from trainer.config import TrainConfig
-from workers import ledger
+from workers import labeling, ledger
 from workers.config import LabelConfig
 from workers.labeling import label, read_and_decode
 
@@ -73,6 +73,30 @@ def test_decoding_rejects_only_what_is_missing_and_fails_when_the_store_stays_do
             read_and_decode(batch, size=32, crop_pct=1.0, read_concurrency=8)
     finally:
         flaky_s3.reset(Faults.mixed(0.10))
+        storage.S3_MAX_ATTEMPTS = saved
+        storage._filesystem.cache_clear()
+
+
+def test_a_manifest_the_store_keeps_failing_fails_its_read_task_as_unavailable(s3_proxy, tmp_path):
+    """A read task whose manifest the store keeps failing raises StorageUnavailable (which Ray Data runs again),
+    not the store's raw OSError (which fails the job)."""
+    bucket = s3.new_bucket()
+    manifest = bucket + "/pool.parquet"
+    write_s3_manifest(manifest, [f"{bucket}/pool/{i}.jpg" for i in range(8)])
+    plan = labeling._plan(manifest, sources.SourceFormat.MANIFEST, str(tmp_path / "labels"), LabelConfig())
+    todo = np.ones(plan.num_shards, dtype=bool)
+    units = plan.units(labeling.READ_UNIT_ROWS, todo)
+    saved = storage.S3_MAX_ATTEMPTS
+    storage.S3_MAX_ATTEMPTS = 3  # the store down for good: fewer attempts than the default, so that this is quick
+    storage._filesystem.cache_clear()
+    try:
+        s3_proxy.reset(Faults(internal=1.0))
+        with pytest.raises(storage.StorageUnavailable, match="pool.parquet"):
+            labeling.read_units(
+                {"id": np.array([0])}, plan=plan, units=units, todo=todo, skip_ids=np.array([], dtype=np.int64)
+            )
+    finally:
+        s3_proxy.reset()
         storage.S3_MAX_ATTEMPTS = saved
         storage._filesystem.cache_clear()
 
@@ -211,6 +235,24 @@ def test_labeling_tar_shards_rides_out_a_store_down_for_longer_than_a_tasks_retr
     assert result.images == result.predicted == len(uris) and result.rejected == {}
     preds = pq.read_table(result.predictions_uri, columns=["uri"])
     assert Counter(preds.column("uri").to_pylist()) == Counter(uris)
+
+
+def test_labeling_outputs_ride_out_a_store_down_for_longer_than_a_tasks_retries(ray_cluster, s3_proxy, tmp_path):
+    """Labeling into S3 while the writes of its predictions fail for longer than a write task's client retries
+    (the images and the teacher are local; the ledger is not faulted): the write task fails with
+    StorageUnavailable and runs again, and every image is labeled once; only the pool's bad files are rejected."""
+    out = s3.new_bucket() + "/labels"
+    good, bad = write_pool(str(tmp_path / "pool"), good=12)
+    teacher = str(tmp_path / "teacher")
+    untrained_model(teacher)
+
+    with outage_until_a_task_runs_again(s3_proxy, paths_with="/predictions/part-") as most:
+        result = label(str(tmp_path / "pool"), teacher, out, LabelConfig(batch_size=4, decode_batch_size=4))
+    assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
+    assert result.predicted == len(good) and sum(result.rejected.values()) == len(bad)
+    assert result.images == len(good) + len(bad)
+    preds = read_s3_table(result.predictions_uri, columns=["uri"])
+    assert Counter(preds.column("uri").to_pylist()) == Counter(good)
 
 
 @pytest.mark.parametrize("by_container", [False, True], ids=["objects", "tar-shards"])
