@@ -641,7 +641,10 @@ def read_container_units(
                     yield from _unit_rows(rows, first, skip_ids)
             except OSError as e:
                 raise storage.object_error(uri, e) from e
-            ledger.record_size(out_uri, first, images)
+            try:
+                ledger.record_size(out_uri, first, images)
+            except OSError as e:
+                raise storage.object_error(out_uri, e) from e
         else:
             uri, group, _, _ = plan.locate(first)
             try:
