@@ -54,17 +54,21 @@ def read_units(uri: str) -> list[list[str]]:
 
 
 def tables(files: list[str], columns: list[str] | None) -> Iterator[pa.Table]:
-    """The rows of ``files`` in tables of about BATCH_ROWS rows (small row groups are gathered)."""
+    """The rows of ``files`` in tables of about BATCH_ROWS rows (small row groups are gathered). A store that
+    still fails after its client's retries raises ``storage.StorageUnavailable``: the task's to run again."""
     parts, rows = [], 0
     for uri in files:
         fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                parts.append(batch)
-                rows += batch.num_rows
-                if rows >= BATCH_ROWS:
-                    yield pa.Table.from_batches(parts)
-                    parts, rows = [], 0
+        try:
+            with fs.open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                    parts.append(batch)
+                    rows += batch.num_rows
+                    if rows >= BATCH_ROWS:
+                        yield pa.Table.from_batches(parts)
+                        parts, rows = [], 0
+        except OSError as e:
+            raise storage.object_error(uri, e) from e
     if parts:
         yield pa.Table.from_batches(parts)
 
@@ -72,14 +76,17 @@ def tables(files: list[str], columns: list[str] | None) -> Iterator[pa.Table]:
 def over_units(
     units: list[list[str]], fn: Callable[..., Iterator[pa.Table]], *, num_cpus: float = 1, **fn_kwargs: Any
 ) -> ray.data.Dataset:
-    """One task per read unit (``num_cpus`` each), calling ``fn(files_of_the_unit, **fn_kwargs)``."""
+    """One task per read unit (``num_cpus`` each), calling ``fn(files_of_the_unit, **fn_kwargs)``. A task that
+    raises ``storage.StorageUnavailable`` runs again (``storage.retry_on_store``)."""
 
     def call(batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         for i in batch["id"]:
             yield from fn(units[int(i)], **fn_kwargs)
 
-    return ray.data.range(len(units), override_num_blocks=len(units)).map_batches(
-        call, batch_size=1, batch_format="numpy", num_cpus=num_cpus
+    return storage.retry_on_store(
+        ray.data.range(len(units), override_num_blocks=len(units)).map_batches(
+            call, batch_size=1, batch_format="numpy", num_cpus=num_cpus
+        )
     )
 
 

@@ -16,17 +16,21 @@ import pytest
 
 from bench.s3proxy import Faults
 from curation import imaging, sources, storage
+from curation.balance import CurationConfig
 from service import pipeline
 from service.specs import GenerationSpec
 from tests import s3
 from tests.containers import write_webdataset
+from tests.curation.test_balance import SPEC, curate_table, predictions
 from tests.helpers import untrained_model, write_pool
 from tests.service.test_pipeline import small
+from tests.workers.test_curate import write_predictions
 from trainer import data as trainer_data
 from trainer import models, noise
 from trainer.config import TrainConfig
 from workers import labeling, ledger
 from workers.config import LabelConfig
+from workers.curate import curate
 from workers.labeling import label, read_and_decode
 
 FAULTS = ("slowdown", "internal", "reset", "truncate")
@@ -253,6 +257,24 @@ def test_labeling_outputs_ride_out_a_store_down_for_longer_than_a_tasks_retries(
     assert result.images == len(good) + len(bad)
     preds = read_s3_table(result.predictions_uri, columns=["uri"])
     assert Counter(preds.column("uri").to_pylist()) == Counter(good)
+
+
+def test_curation_rides_out_a_store_down_for_longer_than_a_tasks_retries(ray_cluster, s3_proxy, tmp_path):
+    """Curating predictions on S3 while the store keeps failing their reads for longer than a task's client
+    retries (the listing and the outputs are not faulted): the read task runs again, and the manifest is the one
+    curated without faults."""
+    table = predictions(SPEC)
+    write_predictions(table, str(tmp_path / "preds"), files=3)
+    bucket = s3.new_bucket()
+    s3.upload_folder(str(tmp_path / "preds"), bucket + "/preds")
+    config = CurationConfig(images_per_class=100, seed=11)
+
+    with outage_until_a_task_runs_again(s3_proxy, paths_with="/preds/part-") as most:
+        stats = curate(bucket + "/preds", str(tmp_path / "ds"), ["a", "b", "c", "d"], config)
+    assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
+    _, reference = curate_table(table, config, 4)
+    got = pq.read_table(stats.manifest_uri, columns=["image_id", "label", "copies"]).sort_by("image_id")
+    assert got.equals(reference.select(["image_id", "label", "copies"]).sort_by("image_id"))
 
 
 @pytest.mark.parametrize("by_container", [False, True], ids=["objects", "tar-shards"])
