@@ -68,15 +68,23 @@ def test_decoding_rejects_only_what_is_missing_and_fails_when_the_store_stays_do
     assert {u: r for u, r in reasons.items() if r} == {**{name[p]: r for p, r in bad.items()}, missing: imaging.MISSING}
     assert sum(flaky_s3.counts[f] for f in FAULTS) >= 5, flaky_s3.counts
 
-    saved = storage.S3_MAX_ATTEMPTS
-    storage.S3_MAX_ATTEMPTS = 3  # the store down for good: fewer attempts than the default, so that this is quick
-    storage._filesystem.cache_clear()
-    try:
-        flaky_s3.reset(Faults(internal=1.0))
+    with store_down_for_good(flaky_s3, then=Faults.mixed(0.10)):
         with pytest.raises(storage.StorageUnavailable, match="500"):
             read_and_decode(batch, size=32, crop_pct=1.0, read_concurrency=8)
+
+
+@contextlib.contextmanager
+def store_down_for_good(proxy, then: Faults | None = None) -> Iterator[None]:
+    """Every S3 request answered 500, with 3 attempts a request (fewer than the default, so that a test of it is
+    quick); then the proxy's faults are ``then`` (none by default) and the attempts the default again."""
+    saved = storage.S3_MAX_ATTEMPTS
+    storage.S3_MAX_ATTEMPTS = 3
+    storage._filesystem.cache_clear()
+    try:
+        proxy.reset(Faults(internal=1.0))
+        yield
     finally:
-        flaky_s3.reset(Faults.mixed(0.10))
+        proxy.reset(then)
         storage.S3_MAX_ATTEMPTS = saved
         storage._filesystem.cache_clear()
 
@@ -90,19 +98,11 @@ def test_a_manifest_the_store_keeps_failing_fails_its_read_task_as_unavailable(s
     plan = labeling._plan(manifest, sources.SourceFormat.MANIFEST, str(tmp_path / "labels"), LabelConfig())
     todo = np.ones(plan.num_shards, dtype=bool)
     units = plan.units(labeling.READ_UNIT_ROWS, todo)
-    saved = storage.S3_MAX_ATTEMPTS
-    storage.S3_MAX_ATTEMPTS = 3  # the store down for good: fewer attempts than the default, so that this is quick
-    storage._filesystem.cache_clear()
-    try:
-        s3_proxy.reset(Faults(internal=1.0))
+    with store_down_for_good(s3_proxy):
         with pytest.raises(storage.StorageUnavailable, match="pool.parquet"):
             labeling.read_units(
                 {"id": np.array([0])}, plan=plan, units=units, todo=todo, skip_ids=np.array([], dtype=np.int64)
             )
-    finally:
-        s3_proxy.reset()
-        storage.S3_MAX_ATTEMPTS = saved
-        storage._filesystem.cache_clear()
 
 
 def test_a_generation_on_flaky_s3_loses_nothing_and_repeats_nothing(ray_cluster, flaky_s3, digits_root, tmp_path):
