@@ -144,8 +144,7 @@ def phase_cpu_decode_only(args) -> dict:
         started = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             outputs.append((time.perf_counter(), len(batch["image_id"])))
-    images = sum(n for _, n in outputs)
-    return {"images": images, "steady": steady_rate(outputs), "end_to_end": images / (outputs[-1][0] - started)}
+    return _rates(outputs, started)
 
 
 def phase_gpu_decode_only(args) -> dict:
@@ -166,6 +165,11 @@ def phase_gpu_decode_only(args) -> dict:
         pixels, _ = decode_on_device(batch, size, crop_pct, device)
         torch.cuda.synchronize()
         outputs.append((time.perf_counter(), pixels.shape[0]))
+    return _rates(outputs, started)
+
+
+def _rates(outputs: list[tuple[float, int]], started: float) -> dict:
+    """Images, and images/s in steady state and from ``started``, of the (time, images) of each output."""
     images = sum(n for _, n in outputs)
     return {"images": images, "steady": steady_rate(outputs), "end_to_end": images / (outputs[-1][0] - started)}
 

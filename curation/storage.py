@@ -11,6 +11,7 @@ one) come back per object, for the caller to record.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -231,6 +232,17 @@ def object_error(uri: str, e: OSError | ValueError) -> OSError | ValueError:
     if is_object_error(e):
         return e
     raise StorageUnavailable(f"{uri}: {type(e).__name__}: {e}"[:500]) from e
+
+
+@contextlib.contextmanager
+def task_errors(uri: str) -> Iterator[None]:
+    """Within it, an ``OSError`` about ``uri`` itself (``is_object_error``: missing, forbidden) is raised as it
+    is; any other, a store still failing after its client's retries, as ``StorageUnavailable``, which fails the
+    Ray Data task so that it runs again (``retry_on_store``) instead of failing the job."""
+    try:
+        yield
+    except OSError as e:
+        raise object_error(uri, e) from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -59,16 +59,13 @@ def tables(files: list[str], columns: list[str] | None) -> Iterator[pa.Table]:
     parts, rows = [], 0
     for uri in files:
         fs, path = storage.resolve(uri)
-        try:
-            with fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                    parts.append(batch)
-                    rows += batch.num_rows
-                    if rows >= BATCH_ROWS:
-                        yield pa.Table.from_batches(parts)
-                        parts, rows = [], 0
-        except OSError as e:
-            raise storage.object_error(uri, e) from e
+        with storage.task_errors(uri), fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                parts.append(batch)
+                rows += batch.num_rows
+                if rows >= BATCH_ROWS:
+                    yield pa.Table.from_batches(parts)
+                    parts, rows = [], 0
     if parts:
         yield pa.Table.from_batches(parts)
 

@@ -335,10 +335,8 @@ class LabelsDatasink(ray.data.Datasink):
         """A store that still fails after its client's retries fails the task with ``StorageUnavailable``, which
         Ray Data runs again: the run writes the same files under the same names, and its commit replaces what
         an earlier run may have moved into place."""
-        try:
+        with storage.task_errors(self.out_uri):
             return self._write(blocks, ctx)
-        except OSError as e:
-            raise storage.object_error(self.out_uri, e) from e
 
     def _write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -600,10 +598,8 @@ def read_units(
     for i in batch["id"]:
         first, stop = (int(v) for v in units[int(i)])
         where = plan.locate(first, stop)
-        try:
+        with storage.task_errors(where[0]):
             rows = sources.read_unlabeled(*where)
-        except OSError as e:  # a store that still fails: StorageUnavailable, the task's to run again
-            raise storage.object_error(where[0], e) from e
         shard = first + np.arange(rows.num_rows, dtype=np.int64) // plan.shard_rows
         keep = todo[shard]
         if skip_ids.size:
@@ -635,23 +631,17 @@ def read_container_units(
         if isinstance(plan, ledger.TarPlan):
             uri = plan.files[first]
             images = 0
-            try:
+            with storage.task_errors(uri):
                 for rows in sources.read_tar_images(uri, chunk_rows=chunk_rows):
                     images += rows.num_rows
                     yield from _unit_rows(rows, first, skip_ids)
-            except OSError as e:
-                raise storage.object_error(uri, e) from e
-            try:
+            with storage.task_errors(out_uri):
                 ledger.record_size(out_uri, first, images)
-            except OSError as e:
-                raise storage.object_error(out_uri, e) from e
         else:
             uri, group, _, _ = plan.locate(first)
-            try:
+            with storage.task_errors(uri):
                 for rows in sources.read_parquet_images(uri, group, chunk_rows=chunk_rows):
                     yield from _unit_rows(rows, first, skip_ids)
-            except OSError as e:
-                raise storage.object_error(uri, e) from e
 
 
 def _unit_rows(rows: pa.Table, shard: int, skip_ids: np.ndarray) -> Iterator[pa.Table]:
