@@ -303,3 +303,24 @@ def test_training_data_rides_out_a_store_down_for_longer_than_a_tasks_retries(
     assert most, "no request drew more faults than one run of its task makes attempts: no task ran twice"
     assert (np.concatenate([b[noise.SKIP] for b in out]) == noise.KEPT).all()
     assert sorted(np.concatenate([b["label"] for b in out]).tolist()) == list(range(len(uris)))
+
+
+def test_curation_writes_its_manifest_through_a_store_down_for_longer_than_a_clients_retries(
+    ray_cluster, s3_proxy, tmp_path
+):
+    """Curating into S3 while the writes of the manifest's files fail for longer than one write's client retries
+    (the predictions are local; the driver's clearing of the manifest folder and stats.json are not faulted):
+    Ray Data's Parquet writer makes the write again (DataContext.retried_io_errors lists S3's internal
+    failure), and the manifest is the one curated without faults, each row once."""
+    table = predictions(SPEC)
+    write_predictions(table, str(tmp_path / "preds"), files=3)
+    out = s3.new_bucket() + "/ds"
+    config = CurationConfig(images_per_class=100, seed=11)
+
+    with outage_until_a_task_runs_again(s3_proxy, paths_with="/ds/manifest/") as most:
+        stats = curate(str(tmp_path / "preds"), out, ["a", "b", "c", "d"], config)
+    assert most, "no request drew more faults than one write makes attempts: no write was made again"
+    _, reference = curate_table(table, config, 4)
+    got = read_s3_table(stats.manifest_uri, columns=["image_id", "label", "copies"]).sort_by("image_id")
+    assert got.equals(reference.select(["image_id", "label", "copies"]).sort_by("image_id"))
+    assert stats.manifest_rows == reference.num_rows
