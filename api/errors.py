@@ -13,6 +13,7 @@ from starlette.routing import Match
 
 from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from service.jobs import RayUnavailable
+from service.store import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,22 @@ def install(app: FastAPI) -> None:
     async def unavailable(_: Request, e: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(e).split("\n", 1)[0]}, status.HTTP_503_SERVICE_UNAVAILABLE)
 
+    @app.exception_handler(DatabaseUnavailable)
+    async def database_down(request: Request, e: Exception) -> JSONResponse:
+        log.warning("%s %s: the database is not reachable: %s", request.method, request.url.path, _first_line(e))
+        return JSONResponse(
+            {"detail": "the database is not reachable; try again shortly"},
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse(
             {"detail": "internal error; the server log has the details"}, status.HTTP_500_INTERNAL_SERVER_ERROR
         )
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).split("\n", 1)[0][:300]

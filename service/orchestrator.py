@@ -44,7 +44,7 @@ from service.states import (
     Stage,
     check_transition,
 )
-from service.store import Dataset, Generation, StaleWrite, Store, utcnow
+from service.store import DatabaseUnavailable, Dataset, Generation, StaleWrite, Store, utcnow
 from trainer.meta import load_meta
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,17 @@ class Orchestrator:
         self._wake.set()
 
     def _run(self) -> None:
+        # Nothing stops the loop but ``stop``: a database that is down (restarting, failing over) leaves every
+        # generation where it is, and the next tick after it is back carries on from there.
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except DatabaseUnavailable as e:
+                TICK_ERRORS.labels("database").inc()
+                log.warning("the database is not reachable, retrying: %s", str(e).splitlines()[0][:300])
+            except Exception:
+                TICK_ERRORS.labels("internal").inc()
+                log.exception("the orchestrator's step failed, retrying")
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 
@@ -120,6 +129,8 @@ class Orchestrator:
                 break
             except StaleWrite:  # another replica moved it; look again next tick
                 TICK_ERRORS.labels("stale").inc()
+            except DatabaseUnavailable:  # for every generation alike: the loop waits for the next poll
+                raise
             except Exception:
                 TICK_ERRORS.labels("internal").inc()
                 log.exception("could not advance generation %s", generation.id)

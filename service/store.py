@@ -106,6 +106,11 @@ class StaleWrite(RuntimeError):
     """Another writer changed the row since it was read."""
 
 
+# The database could not be reached or could not run a statement for a reason of its own: a restart, a failover,
+# a lock held too long (SQLAlchemy's OperationalError). The transaction did not commit; try again later.
+DatabaseUnavailable = sa.exc.OperationalError
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
