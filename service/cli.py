@@ -407,6 +407,9 @@ TokenOption = typer.Option(
     help="API token; default: NSTUDENT_TOKEN, else <NSTUDENT_DATA_DIR>/api-token",
 )
 JsonOption = typer.Option(False, "--json", help="print the API's JSON instead of tables")
+# How long `watch` keeps asking a server that does not answer: a restart or a rolling upgrade of the control
+# plane takes seconds to a minute.
+WATCH_PATIENCE = 300.0
 
 
 @contextlib.contextmanager
@@ -545,14 +548,14 @@ def generations_show(
     console.print(table, highlight=False)
 
 
-def _watch(client, ids: list[str], as_json: bool, interval: float) -> None:
+def _watch(client, ids: list[str], as_json: bool, interval: float, patience: float = WATCH_PATIENCE) -> None:
     from service.progress_view import StageBars, watch_generations
 
     on_change = (lambda g: print(json.dumps(g, default=str), flush=True)) if as_json else None
     quiet = Console(quiet=True) if as_json else console
     try:
         with StageBars(quiet) as bars:
-            final = watch_generations(client.generation, ids, bars, interval, on_change)
+            final = watch_generations(client.generation, ids, bars, interval, on_change, patience)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if any(g["stage"] != "succeeded" for g in final):
@@ -566,11 +569,17 @@ def generations_watch(
     url: str = UrlOption,
     token: str = TokenOption,
     as_json: bool = typer.Option(False, "--json", help="print each change of a generation as one JSON line"),
+    patience: float = typer.Option(
+        WATCH_PATIENCE,
+        min=0,
+        help="seconds to keep asking while the server does not answer or answers 502/503/504 (a restart, an "
+        "upgrade, a database failover); 0: fail at once",
+    ),
 ) -> None:
     """Follow generations until they finish, with live progress bars: labeling (images, rate, ETA), training
     (step, loss, images/s, ETA) and each stage's time. Exit status 0 when all succeeded, else 1."""
     with _api(url, token) as client:
-        _watch(client, generation_ids, as_json, interval)
+        _watch(client, generation_ids, as_json, interval, patience)
 
 
 @generations_app.command("cancel")

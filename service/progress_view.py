@@ -202,22 +202,44 @@ def watch_generations(
     bars: StageBars,
     poll_seconds: float = 1.0,
     on_change: Callable[[dict[str, Any]], None] | None = None,
+    patience: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Follow generations through the API until every one has finished; returns their last states."""
+    """Follow generations through the API until every one has finished; returns their last states.
+
+    A server that does not answer, or answers 502, 503 or 504 (a restart, a rolling upgrade, a database
+    failover), is asked again every ``poll_seconds`` for up to ``patience`` seconds, with a line saying so;
+    after that, or for any other error, ``fetch``'s ApiError is raised."""
+    from service.client import ApiError
+
     last: dict[str, dict[str, Any]] = {}
     pending = list(ids)
+    unreachable_since: float | None = None
     while True:
-        for gid in ids:
-            if gid not in pending:
-                continue
-            g = fetch(gid)
-            if on_change is not None and g != last.get(gid):
-                on_change(g)
-            last[gid] = g
-            show_generation(bars, g, f"{gid} " if len(ids) > 1 else "")
-            if g["stage"] in FINISHED:
-                pending.remove(gid)
-                bars.print(summary(g))
+        try:
+            for gid in ids:
+                if gid not in pending:
+                    continue
+                g = fetch(gid)
+                if unreachable_since is not None:
+                    bars.print(f"the server answers again (after {time.monotonic() - unreachable_since:.0f}s)")
+                    unreachable_since = None
+                if on_change is not None and g != last.get(gid):
+                    on_change(g)
+                last[gid] = g
+                show_generation(bars, g, f"{gid} " if len(ids) > 1 else "")
+                if g["stage"] in FINISHED:
+                    pending.remove(gid)
+                    bars.print(summary(g))
+        except ApiError as e:
+            if e.status not in (None, 502, 503, 504):
+                raise
+            now = time.monotonic()
+            if unreachable_since is None:
+                unreachable_since = now
+                if patience > 0:
+                    bars.print(f"{e}; asking again for up to {patience:.0f}s")
+            if now - unreachable_since >= patience:
+                raise
         if not pending:
             return [last[gid] for gid in ids]
         time.sleep(poll_seconds)

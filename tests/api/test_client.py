@@ -14,22 +14,39 @@ from service.cluster import free_port
 from tests.api.conftest import make_app
 
 
+class Served:
+    """The app of ``data_dir`` on a loopback port, run by uvicorn in a thread; ``stop`` and ``start`` again."""
+
+    def __init__(self, data_dir, digits_root, port: int | None = None):
+        self.data_dir, self.digits_root, self.port = data_dir, digits_root, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        app = make_app(self.data_dir, self.digits_root)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
 @pytest.fixture
-def server(tmp_path, digits_root):
-    """The app on a free loopback port, run by uvicorn in a thread."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(tmp_path / "data", digits_root), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+def served(tmp_path, digits_root):
+    s = Served(tmp_path / "data", digits_root)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def server(served):
+    return served.url
 
 
 def run(url: str, *args: str, token: str = "writer-token"):
@@ -100,3 +117,37 @@ def test_every_failure_is_one_line(server, tmp_path, digits_root):
     assert "cannot read" in one_error_line(run(server, "generations", "create", str(tmp_path / "missing.json")))
     down = one_error_line(run(f"http://127.0.0.1:{free_port()}", "generations", "list"))
     assert "cannot reach the nstudent server" in down
+
+
+def test_watch_rides_out_a_server_restart(served, tmp_path, digits_root):
+    """`nstudent generations watch` (its own process) follows a generation while the server stops and starts
+    again on the same port: it says the server does not answer, asks again, and ends when the generation does.
+    With --patience 0 it fails at once, in one line."""
+    import os
+    import subprocess
+    import sys
+
+    gid = json.loads(run(served.url, "generations", "create", spec_file(tmp_path, digits_root), "--json").stdout)[
+        "chain"
+    ][0]
+    env = {**os.environ, "NSTUDENT_URL": served.url, "NSTUDENT_TOKEN": "writer-token"}
+    nstudent = os.path.join(os.path.dirname(sys.executable), "nstudent")
+    watch = [nstudent, "generations", "watch", gid, "--interval", "0.2"]
+    watcher = subprocess.Popen([*watch, "--patience", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)  # following it: the generation is queued (the app's Ray is down)
+        served.stop()
+        impatient = subprocess.run([*watch, "--patience", "0"], env=env, capture_output=True, text=True, timeout=60)
+        assert impatient.returncode == 1 and "cannot reach the nstudent server" in impatient.stderr
+        assert len(impatient.stderr.strip().splitlines()) == 1 and "Traceback" not in impatient.stderr
+        time.sleep(2)
+        assert watcher.poll() is None  # still asking
+        served.start()
+        assert run(served.url, "generations", "cancel", gid).exit_code == 0
+        out, _ = watcher.communicate(timeout=60)
+    finally:
+        watcher.kill()
+    text = out.decode()
+    assert watcher.returncode == 1, text  # ended, and not succeeded
+    assert "cannot reach the nstudent server" in text and "asking again for up to 60s" in text
+    assert "the server answers again" in text and f"{gid} cancelled" in text and "Traceback" not in text
