@@ -24,6 +24,10 @@ let routeVersion = 0;  // a page rendered for an older route never touches the D
 const objectUrls = [];
 
 class AuthError extends Error {}
+// The server did not answer, or answered 502, 503 or 504 (a restart, an upgrade, a database failover): the page
+// keeps what it shows and asks again at the next refresh.
+class Unreachable extends Error {}
+const TRANSIENT = new Set([502, 503, 504]);
 
 /* ---- small helpers ---------------------------------------------------------------------------------- */
 
@@ -111,8 +115,13 @@ function setStatus(text) { document.getElementById("status").textContent = text;
 
 async function api(path) {
   const token = sessionStorage.getItem(TOKEN_KEY);
-  const response = await fetch(path, {headers: {Authorization: `Bearer ${token}`, Accept: "application/json"},
-                                      credentials: "omit", cache: "no-store"});
+  let response;
+  try {
+    response = await fetch(path, {headers: {Authorization: `Bearer ${token}`, Accept: "application/json"},
+                                  credentials: "omit", cache: "no-store"});
+  } catch (e) {
+    throw new Unreachable("the server does not answer");
+  }
   if (response.status === 401) {
     sessionStorage.removeItem(TOKEN_KEY);
     throw new AuthError("The server refused that token: give another one.");
@@ -123,7 +132,7 @@ async function api(path) {
       const body = await response.json();
       detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
     } catch (e) { /* not JSON: keep the status text */ }
-    throw new Error(`${response.status}: ${detail}`);
+    throw new (TRANSIENT.has(response.status) ? Unreachable : Error)(`${response.status}: ${detail}`);
   }
   return parseJson(await response.text());
 }
@@ -484,6 +493,12 @@ async function route() {
     } catch (e) {
       if (version !== routeVersion) return;
       if (e instanceof AuthError) { showTokenForm(e.message); return; }
+      if (e instanceof Unreachable) {
+        setStatus(`${e.message} · asking again every ${REFRESH_MS / 1000} s · ${new Date().toLocaleTimeString()}`);
+        document.body.dataset.loaded = String(version);
+        refreshTimer = setTimeout(tick, REFRESH_MS);
+        return;
+      }
       put(main, h("div", {class: "box-error", id: "page-error"}, e.message));
       document.body.dataset.loaded = String(version);
     }

@@ -1,8 +1,11 @@
 import contextlib
 import json
 import shutil
+import threading
+import time
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -26,6 +29,29 @@ def make_app(data_dir, source_root):
     principals.add("writer-token", Role.WRITE)
     control = ControlPlane(settings, Store(settings.database), Jobs(RAY_DOWN, timeout=1), principals)
     return create_app(control)
+
+
+class Served:
+    """The app of ``data_dir`` on a loopback port, run by uvicorn in a thread; ``stop`` and ``start`` again."""
+
+    def __init__(self, data_dir, digits_root, port: int | None = None):
+        self.data_dir, self.digits_root, self.port = data_dir, digits_root, port or cluster.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        app = make_app(self.data_dir, self.digits_root)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
 
 
 @pytest.fixture

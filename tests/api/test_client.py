@@ -2,39 +2,14 @@
 tables and --json, cancel and retry, and every failure as one line on stderr with exit status 1."""
 
 import json
-import threading
 import time
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from service.cli import app as cli
 from service.cluster import free_port
-from tests.api.conftest import make_app
-
-
-class Served:
-    """The app of ``data_dir`` on a loopback port, run by uvicorn in a thread; ``stop`` and ``start`` again."""
-
-    def __init__(self, data_dir, digits_root, port: int | None = None):
-        self.data_dir, self.digits_root, self.port = data_dir, digits_root, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self) -> None:
-        app = make_app(self.data_dir, self.digits_root)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+from tests.api.conftest import Served
 
 
 @pytest.fixture

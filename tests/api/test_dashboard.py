@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from curation import sources
-from tests.api.conftest import running_server, train
+from tests.api.conftest import Served, running_server, train
 
 pytestmark = pytest.mark.slow
 READ = {"Authorization": "Bearer r-token"}
@@ -255,7 +255,7 @@ def shoot(driver, screenshots: Path, name: str) -> None:
     (screenshots / name).write_bytes(base64.b64decode(shot["data"]))
 
 
-def sign_in(driver, server, screenshots: Path | None = None) -> None:
+def sign_in(driver, server, screenshots: Path | None = None, token: str = "r-token") -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -265,7 +265,7 @@ def sign_in(driver, server, screenshots: Path | None = None) -> None:
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "token-form").is_displayed())
     if screenshots is not None:
         shoot(driver, screenshots, "token.png")
-    driver.find_element(By.ID, "token").send_keys("r-token")
+    driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
     WebDriverWait(driver, 60).until(
         lambda d: d.execute_script("return document.querySelector('#generations') !== null")
@@ -469,3 +469,37 @@ def test_the_dashboard_is_served_offline_and_small(server):
         assert not re.search(r"https?://", body), path
     assert not re.search(r'(?:src|href)="(?:https?:)?//', page.text)
     assert total <= 500 * 1024, total
+
+
+def test_a_page_rides_out_a_server_restart(page, tmp_path, digits_root):
+    """A generation's page open while its server stops and starts again on the same port (the in-process app,
+    Ray down: the generation stays queued): the page keeps what it shows, its status line says the server does
+    not answer, and it refreshes again once the server is back, with no reload and no error box."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    served = Served(tmp_path / "data", digits_root)
+    try:
+        body = {k: str(digits_root / k) for k in ("labeled", "unlabeled")} | {"eval": str(digits_root / "test")}
+        r = httpx.post(f"{served.url}/generations", json=body, headers={"Authorization": "Bearer writer-token"})
+        assert r.status_code == 202, r.text
+        gid = r.json()["id"]
+        sign_in(page, served, token="reader-token")
+        load(page, served, f"/generations/{gid}", "#generation-id")
+
+        def status(d) -> str:
+            return d.execute_script("return document.getElementById('status').textContent")
+
+        WebDriverWait(page, 30).until(lambda d: status(d).startswith("refreshing every"))
+        served.stop()
+        WebDriverWait(page, 30).until(lambda d: "the server does not answer" in status(d))
+        assert page.execute_script("return document.getElementById('generation-id').textContent") == gid
+        assert page.execute_script("return document.getElementById('page-error')") is None
+        served.start()
+        WebDriverWait(page, 30).until(lambda d: status(d).startswith("refreshing every"))
+        assert page.execute_script("return document.getElementById('generation-id').textContent") == gid
+        assert page.execute_script("return document.getElementById('page-error')") is None
+        # The refused requests are the only console errors.
+        errors = console_errors(page)
+        assert all("ERR_CONNECTION_REFUSED" in e["message"] for e in errors), errors
+    finally:
+        served.stop()
