@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +23,7 @@ from service.redact import redact
 from service.settings import Settings
 from service.specs import GenerationConfig
 from service.states import Stage, check_transition
-from service.store import Dataset, Generation, StaleWrite, Store, utcnow
+from service.store import DatabaseUnavailable, Dataset, Generation, StaleWrite, Store, utcnow
 from trainer.config import TrainConfig
 from trainer.meta import ModelMeta, load_meta
 
@@ -34,6 +36,8 @@ THUMBNAIL_PIXELS = 96
 # Labeled and eval manifests up to this many rows have their classes checked in the request; the first job
 # checks larger ones (reading millions of rows would hold the request for seconds).
 QUICK_CHECK_ROWS = 10_000
+
+log = logging.getLogger(__name__)
 
 
 def new_generation_id() -> str:
@@ -54,8 +58,25 @@ class ControlPlane:
         self.on_stop: list[Callable[[], object]] = []  # run after the orchestrator stops
 
     def start(self) -> None:
+        self._wait_for_database()
         self.store.migrate()
         self.orchestrator.start()
+
+    def _wait_for_database(self) -> None:
+        """Ask the database until it answers, for up to ``settings.database_wait_seconds``: at start-up it may not
+        be up yet (a database or a proxy that starts beside the server). Then DatabaseUnavailable."""
+        deadline, delay = time.monotonic() + self.settings.database_wait_seconds, 0.5
+        while True:
+            try:
+                self.store.ping()
+                return
+            except DatabaseUnavailable as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.warning("waiting for the database: %s", str(e).splitlines()[0][:300])
+                time.sleep(min(delay, left))
+                delay = min(2 * delay, 5.0)
 
     def stop(self) -> None:
         self.orchestrator.stop()

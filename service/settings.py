@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         description="attempts of a job that fails for an infrastructure reason (lost node, out of memory, storage "
         "errors, a restarted Ray head) before its generation fails",
     )
+    database_wait_seconds: float = Field(
+        120.0,
+        ge=0,
+        le=3600,
+        description="how long start-up waits for the database to answer (a database or proxy that starts beside "
+        "the server) before the server gives up",
+    )
     retry_backoff_seconds: float = Field(
         30.0,
         ge=0,

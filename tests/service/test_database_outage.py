@@ -72,3 +72,45 @@ def test_a_database_restart_answers_503_and_loses_no_step(tmp_path):
         world.store.close()
     finally:
         pg.remove()
+
+
+def test_start_up_waits_for_a_database_that_is_not_up_yet(tmp_path):
+    """A server whose database starts after it (a database or a proxy beside it) waits for it, then migrates
+    and runs; with no database within ``database_wait_seconds`` it gives up with the database's error."""
+    import threading
+
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from service.control import ControlPlane
+    from service.principals import Principals
+    from service.settings import Settings
+    from service.store import Store
+    from tests.service.test_orchestrator import FakeJobs
+
+    def control_plane(wait: float) -> ControlPlane:
+        settings = Settings(data_dir=tmp_path / "data", database_url=pg.url, database_wait_seconds=wait)
+        return ControlPlane(settings, Store(settings.database), FakeJobs(), Principals())
+
+    pg = Postgres()
+    try:
+        pg.stop()
+        impatient = control_plane(1)
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            impatient.start()
+        assert 1 <= time.monotonic() - started < 10
+        impatient.store.close()
+
+        control = control_plane(60)
+        starting = threading.Thread(target=control.start)
+        starting.start()
+        time.sleep(2)
+        assert starting.is_alive()  # still waiting
+        pg.start()
+        starting.join(timeout=60)
+        assert not starting.is_alive() and control.orchestrator._thread.is_alive()
+        assert list(control.store.unfinished()) == []  # the schema is there: the migrations ran
+        control.stop()
+    finally:
+        pg.remove()
