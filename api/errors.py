@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from curation.storage import StorageUnavailable
 from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from service.jobs import RayUnavailable
 from service.store import DatabaseUnavailable
@@ -65,6 +66,15 @@ def install(app: FastAPI) -> None:
         log.warning("%s %s: the database is not reachable: %s", request.method, request.url.path, _first_line(e))
         return JSONResponse(
             {"detail": "the database is not reachable; try again shortly"},
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(StorageUnavailable)
+    async def store_down(request: Request, e: Exception) -> JSONResponse:
+        log.warning("%s %s: the store is not reachable: %s", request.method, request.url.path, _first_line(e))
+        return JSONResponse(
+            {"detail": "the object store is not reachable; try again shortly"},
             status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": "5"},
         )

@@ -235,10 +235,10 @@ def object_error(uri: str, e: OSError | ValueError) -> OSError | ValueError:
 
 
 @contextlib.contextmanager
-def task_errors(uri: str) -> Iterator[None]:
+def store_errors(uri: str) -> Iterator[None]:
     """Within it, an ``OSError`` about ``uri`` itself (``is_object_error``: missing, forbidden) is raised as it
-    is; any other, a store still failing after its client's retries, as ``StorageUnavailable``, which fails the
-    Ray Data task so that it runs again (``retry_on_store``) instead of failing the job."""
+    is; any other, a store still failing after its client's retries, as ``StorageUnavailable``: in a Ray Data
+    task, that runs the task again (``retry_on_store``) instead of failing the job; in the API, a 503."""
     try:
         yield
     except OSError as e:

@@ -59,7 +59,7 @@ def tables(files: list[str], columns: list[str] | None) -> Iterator[pa.Table]:
     parts, rows = [], 0
     for uri in files:
         fs, path = storage.resolve(uri)
-        with storage.task_errors(uri), fs.open_input_file(path) as f:
+        with storage.store_errors(uri), fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns):
                 parts.append(batch)
                 rows += batch.num_rows

@@ -311,20 +311,21 @@ class ControlPlane:
         d = self.dataset(dataset_id, principal)
         limit = min(limit, self.settings.max_page_size)
         rows: list[dict[str, Any]] = []
-        for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
-            fs, path = storage.resolve(uri)
-            with fs.open_input_file(path) as f:
-                file = pq.ParquetFile(f)
-                for group in range(file.metadata.num_row_groups):  # footers first: skip without reading
-                    if len(rows) >= limit:
-                        return rows
-                    n = file.metadata.row_group(group).num_rows
-                    if offset >= n:
-                        offset -= n
-                        continue
-                    table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
-                    rows.extend(table.slice(offset, limit - len(rows)).to_pylist())
-                    offset = 0
+        with storage.store_errors(d.manifest_uri):
+            for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
+                fs, path = storage.resolve(uri)
+                with fs.open_input_file(path) as f:
+                    file = pq.ParquetFile(f)
+                    for group in range(file.metadata.num_row_groups):  # footers first: skip without reading
+                        if len(rows) >= limit:
+                            return rows
+                        n = file.metadata.row_group(group).num_rows
+                        if offset >= n:
+                            offset -= n
+                            continue
+                        table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
+                        rows.extend(table.slice(offset, limit - len(rows)).to_pylist())
+                        offset = 0
         return rows
 
     def samples(
@@ -336,19 +337,20 @@ class ControlPlane:
         classes = [c["class_index"] for c in d.stats.get("classes", []) if c.get("kept")]
         found: dict[int, list[dict[str, Any]]] = {c: [] for c in classes}
         read = 0
-        for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
-            fs, path = storage.resolve(uri)
-            with fs.open_input_file(path) as f:
-                file = pq.ParquetFile(f)
-                for group in range(file.metadata.num_row_groups):
-                    if read >= max_rows or all(len(rows) >= per_class for rows in found.values()):
-                        break
-                    table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
-                    read += table.num_rows
-                    for row in table.to_pylist():
-                        rows = found.setdefault(row["label"], [])
-                        if len(rows) < per_class:
-                            rows.append(row)
+        with storage.store_errors(d.manifest_uri):
+            for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
+                fs, path = storage.resolve(uri)
+                with fs.open_input_file(path) as f:
+                    file = pq.ParquetFile(f)
+                    for group in range(file.metadata.num_row_groups):
+                        if read >= max_rows or all(len(rows) >= per_class for rows in found.values()):
+                            break
+                        table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
+                        read += table.num_rows
+                        for row in table.to_pylist():
+                            rows = found.setdefault(row["label"], [])
+                            if len(rows) < per_class:
+                                rows.append(row)
         return {c: sorted(rows, key=lambda r: -r["confidence"]) for c, rows in sorted(found.items())}
 
     def thumbnail(self, dataset_id: str, image_id: int, principal: Principal, size: int = THUMBNAIL_PIXELS) -> bytes:
@@ -357,12 +359,13 @@ class ControlPlane:
         under; the image is decoded under the jobs' limits (header checked before any pixel is decoded)."""
         d = self.dataset(dataset_id, principal)
         uri = None
-        for file_uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
-            fs, path = storage.resolve(file_uri)
-            hits = pq.read_table(path, filesystem=fs, columns=["uri"], filters=[("image_id", "=", image_id)])
-            if hits.num_rows:
-                uri = hits.column("uri")[0].as_py()
-                break
+        with storage.store_errors(d.manifest_uri):
+            for file_uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
+                fs, path = storage.resolve(file_uri)
+                hits = pq.read_table(path, filesystem=fs, columns=["uri"], filters=[("image_id", "=", image_id)])
+                if hits.num_rows:
+                    uri = hits.column("uri")[0].as_py()
+                    break
         if uri is None:
             raise NotFound(f"image {image_id} is not in dataset {dataset_id}")
         g = self.store.get(d.generation_id)
@@ -372,13 +375,16 @@ class ControlPlane:
             container = access.normalize(container)  # what is checked is what is read
             if not access.under(container, roots):
                 raise NotFound(f"image {image_id} lies outside the dataset's source roots")
-            if member is None:
-                data = storage.read_bytes(container)
-            elif shards.is_tar(container):
-                data = next((b for _, b in shards.read_tar_members(container, [member])), b"")
-            else:
-                data = next((b for _, b in shards.read_parquet_rows(container, [int(member)])), b"")
+            with storage.store_errors(container):
+                if member is None:
+                    data = storage.read_bytes(container)
+                elif shards.is_tar(container):
+                    data = next((b for _, b in shards.read_tar_members(container, [member])), b"")
+                else:
+                    data = next((b for _, b in shards.read_parquet_rows(container, [int(member)])), b"")
             img = imaging.decode_rgb(data)
+        except storage.StorageUnavailable:
+            raise  # the store's fault, not the image's: a 503, and the image is asked for again later
         except (OSError, ValueError, MemoryError, imaging.RejectedImage) as e:
             raise NotFound(f"image {image_id} cannot be read: {getattr(e, 'reason', type(e).__name__)}") from None
         img.thumbnail((size, size))
@@ -390,7 +396,8 @@ class ControlPlane:
         g = self.get(generation_id, principal)
         if g.model_uri is None:
             raise NotFound(f"generation {generation_id} has no model yet (stage {g.stage})")
-        return g, load_meta(g.model_uri)
+        with storage.store_errors(g.model_uri):
+            return g, load_meta(g.model_uri)
 
     def ready(self) -> dict[str, str]:
         """Problems by dependency; empty when the database and Ray are reachable."""

@@ -335,7 +335,7 @@ class LabelsDatasink(ray.data.Datasink):
         """A store that still fails after its client's retries fails the task with ``StorageUnavailable``, which
         Ray Data runs again: the run writes the same files under the same names, and its commit replaces what
         an earlier run may have moved into place."""
-        with storage.task_errors(self.out_uri):
+        with storage.store_errors(self.out_uri):
             return self._write(blocks, ctx)
 
     def _write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
@@ -598,7 +598,7 @@ def read_units(
     for i in batch["id"]:
         first, stop = (int(v) for v in units[int(i)])
         where = plan.locate(first, stop)
-        with storage.task_errors(where[0]):
+        with storage.store_errors(where[0]):
             rows = sources.read_unlabeled(*where)
         shard = first + np.arange(rows.num_rows, dtype=np.int64) // plan.shard_rows
         keep = todo[shard]
@@ -631,15 +631,15 @@ def read_container_units(
         if isinstance(plan, ledger.TarPlan):
             uri = plan.files[first]
             images = 0
-            with storage.task_errors(uri):
+            with storage.store_errors(uri):
                 for rows in sources.read_tar_images(uri, chunk_rows=chunk_rows):
                     images += rows.num_rows
                     yield from _unit_rows(rows, first, skip_ids)
-            with storage.task_errors(out_uri):
+            with storage.store_errors(out_uri):
                 ledger.record_size(out_uri, first, images)
         else:
             uri, group, _, _ = plan.locate(first)
-            with storage.task_errors(uri):
+            with storage.store_errors(uri):
                 for rows in sources.read_parquet_images(uri, group, chunk_rows=chunk_rows):
                     yield from _unit_rows(rows, first, skip_ids)
 
