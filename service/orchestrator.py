@@ -106,7 +106,7 @@ class Orchestrator:
                 self.tick()
             except DatabaseUnavailable as e:
                 TICK_ERRORS.labels("database").inc()
-                log.warning("the database is not reachable, retrying: %s", str(e).splitlines()[0][:300])
+                log.warning("the database is not reachable, retrying: %s", _line(e))
             except Exception:
                 TICK_ERRORS.labels("internal").inc()
                 log.exception("the orchestrator's step failed, retrying")
@@ -131,6 +131,9 @@ class Orchestrator:
                 TICK_ERRORS.labels("stale").inc()
             except DatabaseUnavailable:  # for every generation alike: the loop waits for the next poll
                 raise
+            except OSError as e:  # the store (spec, error.json, stats) still failing after its client's retries
+                TICK_ERRORS.labels("storage").inc()
+                log.warning("could not advance generation %s, the store failed: %s", generation.id, _line(e))
             except Exception:
                 TICK_ERRORS.labels("internal").inc()
                 log.exception("could not advance generation %s", generation.id)
@@ -386,6 +389,12 @@ class Orchestrator:
         if g.state.running:
             self._free_slots += 1  # a generation later in this tick may take its place at once
         return self._move(g, stage, finished_at=utcnow(), **changes)
+
+
+def _line(e: BaseException) -> str:
+    """An error's first line, for a log line that repeats every poll while a dependency is down."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def wait_for(store: Store, generation_id: str, timeout: float, poll: float = 1.0) -> Generation:

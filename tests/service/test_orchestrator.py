@@ -512,3 +512,28 @@ def test_admission_runs_at_most_the_limit_and_the_rest_wait_queued(tmp_path, lim
             w.finish(gid, kind)
     assert most == limit
     assert all(w.get(gid).state == Stage.SUCCEEDED for chain in chains for gid in chain)
+
+
+def test_a_store_that_fails_leaves_the_generation_where_it_is_until_it_works(world, caplog):
+    """The generation's folder cannot be written (a file stands where it goes: the store answers an error): the
+    generation stays queued, with one warning line per poll and no traceback, and is admitted once it can."""
+    from prometheus_client import REGISTRY
+
+    def storage_errors() -> float:
+        return REGISTRY.get_sample_value("nstudent_orchestrator_errors_total", {"kind": "storage"}) or 0.0
+
+    [gid] = world.post()
+    output = world.get(gid).output
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:  # where the folder should be
+        f.write("not a folder")
+    before = storage_errors()
+    with caplog.at_level("WARNING", logger="service.orchestrator"):
+        world.tick(2)
+    assert world.get(gid).state == Stage.QUEUED and world.jobs.submitted == []
+    assert storage_errors() == before + 2
+    warnings = [r for r in caplog.records if r.name == "service.orchestrator"]
+    assert len(warnings) == 2 and all("the store failed" in r.getMessage() and not r.exc_info for r in warnings)
+    os.remove(output)
+    world.tick()
+    assert world.get(gid).state == Stage.TRAINING_TEACHER and world.jobs.submitted == [f"{gid}-teacher-1"]
