@@ -180,26 +180,31 @@ def _write_private(path: Path, text: str) -> None:
 
 def stop_head(head: Head, grace: float = 30.0, timeout: float = 30.0) -> None:
     """Stop a head from ``start_head`` in Ray's order: SIGTERM to its raylet, which stops its workers and leaves
-    the GCS (half a second); then SIGTERM to the process group; once the GCS has exited (each step at most
-    ``grace`` seconds), SIGKILL to what is left, such as `ray start --block` and the autoscaler's monitor, which
-    would otherwise retry the gone GCS for a minute. Without /proc: SIGTERM to the group, then SIGKILL."""
+    the GCS (half a second); then SIGTERM to the GCS alone (each at most ``grace`` seconds). Only then SIGTERM to
+    the rest of the process group, and after a few seconds SIGKILL to what is left, such as `ray start --block`
+    and the autoscaler's monitor, which would otherwise retry the gone GCS for a minute. (`ray start --block`
+    answers SIGTERM by draining its node through the GCS for up to 30 s: signalled while the GCS is still up,
+    the two could hold each other's shutdown for that long.) Without /proc: SIGTERM to the group, then SIGKILL."""
     by_name = os.path.exists("/proc/self/stat")
-    steps = [("raylet", None), ("gcs_server", signal.SIGTERM)] if by_name else [(None, signal.SIGTERM)]
-    for name, group_signal in steps:
+    for name in ("raylet", "gcs_server") if by_name else ():
         try:
-            if group_signal:
-                os.killpg(head.pid, group_signal)
-            for pid in _group(head.pid).get(name or "", []):
+            for pid in _group(head.pid).get(name, []):
                 os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
         if not _wait(head.pid, grace, partial(_gone, head.pid, name)):
-            log.warning("the Ray head's %s did not exit within %.0fs of SIGTERM", name or "processes", grace)
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    _wait(head.pid, timeout, lambda: False)
+            log.warning("the Ray head's %s did not exit within %.0fs of SIGTERM", name, grace)
+    for group_signal, wait in ((signal.SIGTERM, REST_GRACE_SECONDS if by_name else grace), (signal.SIGKILL, timeout)):
+        try:
+            os.killpg(head.pid, group_signal)
+        except ProcessLookupError:
+            return
+        _wait(head.pid, wait, lambda: False)
+
+
+# What the head's other processes (dashboard, monitors, agents, `ray start --block`) get between SIGTERM and
+# SIGKILL, once the raylet and the GCS are gone.
+REST_GRACE_SECONDS = 3.0
 
 
 def _gone(pgid: int, name: str | None) -> bool:
