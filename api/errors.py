@@ -13,6 +13,7 @@ from starlette.routing import Match
 
 from curation.storage import StorageUnavailable
 from service.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from service.failures import LOG_LINE, one_line
 from service.jobs import RayUnavailable
 from service.store import DatabaseUnavailable
 
@@ -62,19 +63,12 @@ def install(app: FastAPI) -> None:
         return JSONResponse({"detail": str(e).split("\n", 1)[0]}, status.HTTP_503_SERVICE_UNAVAILABLE)
 
     @app.exception_handler(DatabaseUnavailable)
-    async def database_down(request: Request, e: Exception) -> JSONResponse:
-        log.warning("%s %s: the database is not reachable: %s", request.method, request.url.path, _first_line(e))
-        return JSONResponse(
-            {"detail": "the database is not reachable; try again shortly"},
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
-        )
-
     @app.exception_handler(StorageUnavailable)
-    async def store_down(request: Request, e: Exception) -> JSONResponse:
-        log.warning("%s %s: the store is not reachable: %s", request.method, request.url.path, _first_line(e))
+    async def dependency_down(request: Request, e: Exception) -> JSONResponse:
+        what = "the database" if isinstance(e, DatabaseUnavailable) else "the object store"
+        log.warning("%s %s: %s is not reachable: %s", request.method, request.url.path, what, one_line(e, LOG_LINE))
         return JSONResponse(
-            {"detail": "the object store is not reachable; try again shortly"},
+            {"detail": f"{what} is not reachable; try again shortly"},
             status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": "5"},
         )
@@ -85,7 +79,3 @@ def install(app: FastAPI) -> None:
         return JSONResponse(
             {"detail": "internal error; the server log has the details"}, status.HTTP_500_INTERNAL_SERVER_ERROR
         )
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).split("\n", 1)[0][:300]

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from curation import access, imaging, shards, sources, storage
 from service.errors import Conflict, InvalidRequest, NotFound
+from service.failures import LOG_LINE, one_line
 from service.jobs import Jobs
 from service.orchestrator import Orchestrator
 from service.principals import Principal, Principals
@@ -74,7 +75,7 @@ class ControlPlane:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
-                log.warning("waiting for the database: %s", str(e).splitlines()[0][:300])
+                log.warning("waiting for the database: %s", one_line(e, LOG_LINE))
                 time.sleep(min(delay, left))
                 delay = min(2 * delay, 5.0)
 

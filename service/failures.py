@@ -33,9 +33,14 @@ def classify(error: BaseException) -> ErrorKind:
     return ErrorKind.INFRA
 
 
-def one_line(error: BaseException) -> str:
+# The longest error text in a log line that may repeat every poll while a dependency is down.
+LOG_LINE = 300
+
+
+def one_line(error: BaseException, limit: int = 1000) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:1000]
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:limit]
 
 
 def report(output: str, submission_id: str, error: BaseException) -> JobError:

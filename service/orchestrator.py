@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from curation import sources, storage
 from curation.layout import ErrorKind, JobError, Layout, read_progress
 from curation.stats import DatasetStats
+from service.failures import LOG_LINE, one_line
 from service.jobs import Jobs, RayUnavailable
 from service.specs import GenerationConfig, GenerationSpec
 from service.states import (
@@ -106,7 +107,7 @@ class Orchestrator:
                 self.tick()
             except DatabaseUnavailable as e:
                 TICK_ERRORS.labels("database").inc()
-                log.warning("the database is not reachable, retrying: %s", _line(e))
+                log.warning("the database is not reachable, retrying: %s", one_line(e, LOG_LINE))
             except Exception:
                 TICK_ERRORS.labels("internal").inc()
                 log.exception("the orchestrator's step failed, retrying")
@@ -133,7 +134,9 @@ class Orchestrator:
                 raise
             except OSError as e:  # the store (spec, error.json, stats) still failing after its client's retries
                 TICK_ERRORS.labels("storage").inc()
-                log.warning("could not advance generation %s, the store failed: %s", generation.id, _line(e))
+                log.warning(
+                    "could not advance generation %s, the store failed: %s", generation.id, one_line(e, LOG_LINE)
+                )
             except Exception:
                 TICK_ERRORS.labels("internal").inc()
                 log.exception("could not advance generation %s", generation.id)
@@ -389,12 +392,6 @@ class Orchestrator:
         if g.state.running:
             self._free_slots += 1  # a generation later in this tick may take its place at once
         return self._move(g, stage, finished_at=utcnow(), **changes)
-
-
-def _line(e: BaseException) -> str:
-    """An error's first line, for a log line that repeats every poll while a dependency is down."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def wait_for(store: Store, generation_id: str, timeout: float, poll: float = 1.0) -> Generation:
