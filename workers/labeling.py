@@ -18,12 +18,13 @@ shard or a row group per read task, each tar streamed once from start to end; th
 in a ``data`` column, which decoding uses instead of fetching by URI. A contained image's URI, in predictions
 and rejects alike, is ``<container URI>#<member>``.
 
-GPU decoding (``LabelConfig.gpu_decode``, on a cluster with GPUs): a decode task passes the bytes of each JPEG
-that ``imaging.device_decodable`` accepts through, in a ``data`` column with ``on_device`` true and its pixels
-left zero, and decodes the rest on the CPU as before. The teacher actor decodes the passed-through JPEGs on its
-device in one batch (``torchvision.io.decode_jpeg``), resizes and crops them as ``imaging.resize_square`` does
-(bilinear, antialiased), and falls back to ``imaging.decode_for_model`` on its CPU for any image the device
-decoder fails on, so a damaged file is rejected with the same reason either way.
+GPU decoding (``LabelConfig.gpu_decode``, on a cluster with GPUs): a decode task passes the bytes of each JPEG that
+``imaging.device_decodable`` accepts through, in a ``data`` column with ``on_device`` true, and decodes the rest on
+the CPU as before, their pixels in the same column as raw bytes: its blocks have no ``pixels`` column, so a batch
+carries each image's compressed bytes or its pixels, never both, and no row ships zeros. The teacher actor decodes
+the passed-through JPEGs on its device in one batch (``torchvision.io.decode_jpeg``), resizes and crops them as
+``imaging.resize_square`` does (bilinear, antialiased), and falls back to ``imaging.decode_for_model`` on its CPU
+for any image the device decoder fails on, so a damaged file is rejected with the same reason either way.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def read_and_decode(
 ) -> dict[str, np.ndarray]:
     """Bytes -> fixed-size uint8 pixels; ``reason`` is empty for a good image.
 
-    With ``device_decode``, the output also has ``data`` (bytes) and ``on_device`` (bool) columns: a JPEG that
-    ``imaging.device_decodable`` accepts is not decoded here but passed through for the teacher actor's device
-    (``on_device`` true, its bytes in ``data``, its pixels zero); every other row has empty ``data``.
+    With ``device_decode``, the output has ``data`` (bytes) and ``on_device`` (bool) columns instead of
+    ``pixels``: a JPEG that ``imaging.device_decodable`` accepts is not decoded here but passed through for the
+    teacher actor's device (``on_device`` true, its file's bytes in ``data``); every other good image's
+    ``data`` is its ``size x size x 3`` uint8 pixels, row by row, and a rejected one's is empty.
 
     Bytes are fetched by URI ``read_concurrency`` objects at a time while earlier rows decode. An object that
     does not exist or may not be read is rejected as ``missing``; a store that still fails after its client's
@@ -105,7 +107,7 @@ def read_and_decode(
     decode = decode or imaging.DecodeConfig()
     policy = access.ReadPolicy(roots, decode.max_file_bytes)
     n = len(batch["uri"])
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    pixels = None if device_decode else np.zeros((n, size, size, 3), dtype=np.uint8)
     reasons, details = [""] * n, [""] * n
     passed = np.full(n, b"", dtype=object)
     on_device = np.zeros(n, dtype=bool)
@@ -129,18 +131,24 @@ def read_and_decode(
             passed[i], on_device[i] = data, True
             continue
         try:
-            pixels[i] = imaging.decode_for_model(data, size, crop_pct, decode)
+            decoded = imaging.decode_for_model(data, size, crop_pct, decode)
         except imaging.RejectedImage as e:  # the only exception it raises, MemoryError included
             reasons[i], details[i] = e.reason, e.detail
+            continue
+        if pixels is None:  # device_decode: the pixels travel as bytes, with the passed-through JPEGs
+            passed[i] = decoded.tobytes()
+        else:
+            pixels[i] = decoded
     out = {
         "image_id": batch["image_id"],
         "uri": batch["uri"],
-        "pixels": pixels,
         "reason": np.array(reasons, dtype=object),
         "detail": np.array(details, dtype=object),
     }
-    if device_decode:  # every block of a run has the same columns
+    if pixels is None:  # device_decode; every block of a run has the same columns
         out["data"], out["on_device"] = passed, on_device
+    else:
+        out["pixels"] = pixels
     if "shard" in batch:
         out["shard"] = batch["shard"]
     return out
@@ -241,7 +249,7 @@ class TeacherPredictor:
 
         from trainer import models
 
-        on_device = "on_device" in batch and bool(batch["on_device"].any())
+        on_device = "on_device" in batch  # the decode tasks' device_decode output: no pixels column
         if on_device:
             decoded, batch = self._decode_on_device(batch)
         ok = batch["reason"] == ""
@@ -283,15 +291,18 @@ class TeacherPredictor:
         of those that the CPU fallback rejected."""
         import torch
 
-        # Only the rows decoded on the CPU travel to the device: the passed-through rows' pixels are zeros.
-        host = batch["pixels"]
-        pixels = torch.zeros(host.shape, dtype=torch.uint8, device=self.device)
-        on_cpu = np.nonzero(~batch["on_device"])[0]
+        size = self.meta.input_size
+        pixels = torch.zeros((len(batch["on_device"]), size, size, 3), dtype=torch.uint8, device=self.device)
+        # The rows decoded on the CPU carry their pixels as bytes (rejects carry none).
+        on_cpu = np.nonzero(~batch["on_device"] & (batch["reason"] == ""))[0]
         if len(on_cpu):
-            pixels[torch.from_numpy(on_cpu).to(self.device)] = torch.from_numpy(host[on_cpu]).to(self.device)
+            host = np.stack([np.frombuffer(batch["data"][r], np.uint8).reshape(size, size, 3) for r in on_cpu])
+            pixels[torch.from_numpy(on_cpu).to(self.device)] = torch.from_numpy(host).to(self.device)
         rows = np.nonzero(batch["on_device"])[0]
+        if not len(rows):
+            return pixels, batch
         decoded, verdicts = decode_on_device(
-            [bytes(batch["data"][r]) for r in rows], self.meta.input_size, self.meta.crop_pct, self.device, self.decode
+            [bytes(batch["data"][r]) for r in rows], size, self.meta.crop_pct, self.device, self.decode
         )
         pixels[torch.from_numpy(rows).to(self.device)] = decoded
         if any(reason for reason, _ in verdicts):

@@ -130,6 +130,24 @@ def test_device_path_labels_as_the_cpu_path(tmp_path: Path) -> None:
     _check_same_labels(tmp_path)
 
 
+def test_device_decode_blocks_carry_bytes_or_pixels_never_zeros(tmp_path: Path) -> None:
+    # A passed-through JPEG travels as its file's bytes, a CPU-decoded image as its pixels, a reject as nothing:
+    # the block has no pixels column of zeros for the rows the device will decode.
+    paths = _corpus(tmp_path)
+    batch = {"image_id": np.arange(len(paths), dtype=np.int64), "uri": np.array(paths, dtype=object)}
+    cpu = labeling.read_and_decode(batch, size=SIZE, crop_pct=0.875)
+    dev = labeling.read_and_decode(batch, size=SIZE, crop_pct=0.875, device_decode=True)
+    assert "pixels" not in dev and set(dev) >= {"data", "on_device", "reason"}
+    for i, path in enumerate(paths):
+        if dev["on_device"][i]:
+            assert dev["data"][i] == Path(path).read_bytes()
+        elif dev["reason"][i]:
+            assert dev["data"][i] == b"" and dev["reason"][i] == cpu["reason"][i]
+        else:
+            assert dev["data"][i] == cpu["pixels"][i].tobytes()
+    assert int(dev["on_device"].sum()) == sum("baseline" in p for p in paths)
+
+
 def test_device_resize_matches_pil(tmp_path: Path) -> None:
     # The device's resize and crop against imaging.decode_for_model's, pixel by pixel, on the same decoder.
     # Images of one size are resized together: two sizes come twice, with different content, interleaved.
