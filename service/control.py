@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
@@ -39,6 +41,20 @@ THUMBNAIL_PIXELS = 96
 QUICK_CHECK_ROWS = 10_000
 
 log = logging.getLogger(__name__)
+
+
+def _row_groups(manifest_uri: str) -> Iterator[tuple[int, Callable[[], pa.Table]]]:
+    """Each row group of a manifest's files, in file order: its rows (from the footer, nothing read) and a
+    reader of its ``MANIFEST_COLUMNS``. A caller that stops early has read only the groups it asked for."""
+    for uri in storage.list_files(manifest_uri, suffix=".parquet"):
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            file = pq.ParquetFile(f)
+            for group in range(file.metadata.num_row_groups):
+                yield (
+                    file.metadata.row_group(group).num_rows,
+                    functools.partial(file.read_row_group, group, columns=MANIFEST_COLUMNS),
+                )
 
 
 def new_generation_id() -> str:
@@ -313,20 +329,14 @@ class ControlPlane:
         limit = min(limit, self.settings.max_page_size)
         rows: list[dict[str, Any]] = []
         with storage.store_errors(d.manifest_uri):
-            for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
-                fs, path = storage.resolve(uri)
-                with fs.open_input_file(path) as f:
-                    file = pq.ParquetFile(f)
-                    for group in range(file.metadata.num_row_groups):  # footers first: skip without reading
-                        if len(rows) >= limit:
-                            return rows
-                        n = file.metadata.row_group(group).num_rows
-                        if offset >= n:
-                            offset -= n
-                            continue
-                        table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
-                        rows.extend(table.slice(offset, limit - len(rows)).to_pylist())
-                        offset = 0
+            for n, read in _row_groups(d.manifest_uri):  # footers first: a group is skipped without reading it
+                if len(rows) >= limit:
+                    break
+                if offset >= n:
+                    offset -= n
+                    continue
+                rows.extend(read().slice(offset, limit - len(rows)).to_pylist())
+                offset = 0
         return rows
 
     def samples(
@@ -337,21 +347,17 @@ class ControlPlane:
         d = self.dataset(dataset_id, principal)
         classes = [c["class_index"] for c in d.stats.get("classes", []) if c.get("kept")]
         found: dict[int, list[dict[str, Any]]] = {c: [] for c in classes}
-        read = 0
+        scanned = 0
         with storage.store_errors(d.manifest_uri):
-            for uri in storage.list_files(d.manifest_uri, suffix=".parquet"):
-                fs, path = storage.resolve(uri)
-                with fs.open_input_file(path) as f:
-                    file = pq.ParquetFile(f)
-                    for group in range(file.metadata.num_row_groups):
-                        if read >= max_rows or all(len(rows) >= per_class for rows in found.values()):
-                            break
-                        table = file.read_row_group(group, columns=MANIFEST_COLUMNS)
-                        read += table.num_rows
-                        for row in table.to_pylist():
-                            rows = found.setdefault(row["label"], [])
-                            if len(rows) < per_class:
-                                rows.append(row)
+            for _, read in _row_groups(d.manifest_uri):
+                if scanned >= max_rows or all(len(rows) >= per_class for rows in found.values()):
+                    break
+                table = read()
+                scanned += table.num_rows
+                for row in table.to_pylist():
+                    rows = found.setdefault(row["label"], [])
+                    if len(rows) < per_class:
+                        rows.append(row)
         return {c: sorted(rows, key=lambda r: -r["confidence"]) for c, rows in sorted(found.items())}
 
     def thumbnail(self, dataset_id: str, image_id: int, principal: Principal, size: int = THUMBNAIL_PIXELS) -> bytes:

@@ -258,9 +258,10 @@ class TeacherPredictor:
         classes = np.zeros((n_ok, self.top_k), dtype=np.int32)
         if n_ok:
             if on_device:
-                pixels = decoded if ok.all() else decoded[torch.from_numpy(ok).to(self.device)]
+                pixels = decoded if n_ok == len(ok) else decoded[torch.from_numpy(ok).to(self.device)]
             else:
-                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
+                host = batch["pixels"] if n_ok == len(ok) else batch["pixels"][ok]  # a copy only with rejects
+                pixels = torch.from_numpy(np.ascontiguousarray(host)).to(self.device, non_blocking=True)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(models.normalize(pixels, self.meta))
             top = torch.softmax(logits.float(), dim=1).topk(self.top_k, dim=1)
