@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from curation import imaging
 from curation.imaging import DecodeConfig, RejectedImage, decode_for_model, decode_rgb
@@ -153,3 +153,27 @@ def test_new_reasons_keep_the_old_indices():
     # training batches carry a reject as its index in REJECT_REASONS
     assert imaging.REJECT_REASONS[:4] == ("missing", "empty", "not_an_image", "corrupt")
     assert set(helpers.EDGE_FILES[n][1] for n in helpers.EDGE_FILES) - {""} <= set(imaging.REJECT_REASONS)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "size", "crop_pct"),
+    [(256, 256, 160, 0.875), (500, 375, 224, 1.0), (375, 500, 224, 0.875), (57, 181, 64, 0.9), (1000, 80, 64, 1.0)],
+)
+def test_resizing_only_the_crop_gives_the_pixels_of_resizing_the_whole_image(width, height, size, crop_pct):
+    # The centred crop is resized alone (PIL's box); the reference resizes the whole image, then crops.
+    rng = np.random.default_rng(width * height)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    scale = size / crop_pct / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    left, top = (w - size) // 2, (h - size) // 2
+    want = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size)))
+    got = imaging.to_array(imaging.resize_square(img, size, crop_pct))
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert got.shape == (size, size, 3)
+    assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+def test_an_image_already_at_the_resize_size_is_only_cropped():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 300, 3), dtype=np.uint8))
+    got = imaging.to_array(imaging.resize_square(img, 224, 0.875))  # shorter side 256 = 224 / 0.875
+    assert np.array_equal(got, np.asarray(img)[16:240, 38:262])
