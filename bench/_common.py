@@ -8,6 +8,7 @@ child's whole process tree (a local Ray cluster's processes are all descendants 
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -36,6 +37,32 @@ DATA_DIR = Path(os.environ.get("NSTUDENT_BENCH_DATA", "/tmp/nstudent-bench"))
 # Memory and CPU time are sampled this often (seconds).
 SAMPLE_SECONDS = 0.2
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def labeling_arguments(
+    description: str, *, source_size: int, arch: str, input_size: int, batch_size: int, rows_per_file: int
+) -> argparse.ArgumentParser:
+    """The options of every labeling benchmark (the JPEG pool, the untrained teacher, the job's settings, the
+    repeats), with its defaults, and the hidden ones that its measured phases are run with."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--source-size", type=int, default=source_size, help="side of the JPEG files, pixels")
+    p.add_argument("--arch", default=arch, help="timm architecture of the untrained teacher")
+    p.add_argument("--input-size", type=int, default=input_size)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="teacher batch")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads of a model on the CPU")
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of each local Ray cluster")
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=rows_per_file,
+        help="rows per predictions file, each one commit (one per teacher batch dates every batch)",
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--teacher", help=argparse.SUPPRESS)
+    p.add_argument("--scratch", help=argparse.SUPPRESS)
+    return p
 
 
 def machine() -> dict[str, Any]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -202,25 +201,15 @@ PHASES = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=4096)
-    p.add_argument("--source-size", type=int, default=256, help="side of the JPEG files, pixels")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads of CPU phases")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
-    p.add_argument("--rows-per-file", type=int, default=256, help="pipeline: rows per predictions file (a commit)")
+    p = _common.labeling_arguments(
+        __doc__, source_size=256, arch="resnet50", input_size=224, batch_size=256, rows_per_file=256
+    )
     p.add_argument(
         "--gpus-per-actor", type=float, default=1.0, help="pipeline: GPU share of a teacher actor (0.5: two a GPU)"
     )
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
-    p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.phase:

@@ -261,29 +261,14 @@ def phase_inputs(args, prefix: str) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=4096)
-    p.add_argument("--source-size", type=int, default=256, help="side of the JPEG files, pixels")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--input-size", type=int, default=160)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads, everywhere")
-    p.add_argument("--loader-workers", type=int, default=os.cpu_count(), help="DataLoader workers of the plain loop")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray cluster")
-    p.add_argument(
-        "--rows-per-file",
-        type=int,
-        default=128,
-        help="pipeline: rows per predictions file (one file per teacher batch dates every batch)",
+    p = _common.labeling_arguments(
+        __doc__, source_size=256, arch="resnet18", input_size=160, batch_size=128, rows_per_file=128
     )
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loader-workers", type=int, default=os.cpu_count(), help="DataLoader workers of the plain loop")
     p.add_argument("--ways", default="ceiling,plain,pipeline")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--paths", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
-    p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.phase:

@@ -146,25 +146,15 @@ def upload_sources(client, paths: list[str]) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=4096)
+    p = _common.labeling_arguments(
+        __doc__, source_size=64, arch="resnet18", input_size=64, batch_size=128, rows_per_file=128
+    )
     p.add_argument("--serial-images", type=int, default=512, help="images of the s3_20ms_serial way")
-    p.add_argument("--source-size", type=int, default=64, help="side of the JPEGs, pixels")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads of the actor")
-    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of each local Ray cluster")
-    p.add_argument("--rows-per-file", type=int, default=128, help="rows per predictions file: one per batch")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ways", default=",".join(WAYS))
     p.add_argument("--phase", choices=["label"], help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
     p.add_argument("--read-concurrency", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--teacher", help=argparse.SUPPRESS)
-    p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.phase:
