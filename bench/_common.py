@@ -65,6 +65,22 @@ def labeling_arguments(
     return p
 
 
+def labeling_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of ``labeling_arguments``, as a labeling benchmark reports them."""
+    return {
+        "images": args.images,
+        "source": f"{args.source_size}x{args.source_size} JPEG (q90)",
+        "model": args.arch,
+        "input_size": args.input_size,
+        "classes": args.classes,
+        "batch_size": args.batch_size,
+        "torch_threads": args.threads,
+        "ray_cpus": args.cpus,
+        "rows_per_file": args.rows_per_file,
+        "repeats": args.repeats,
+    }
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on, and how busy the machine was when the run started."""
     cpu = platform.processor() or ""

@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
-from labeling_throughput import commit_times, phase_inputs, steady_rate  # noqa: E402
+from labeling_throughput import phase_inputs, phase_pipeline, steady_rate  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 
@@ -94,31 +93,8 @@ def phase_model(args) -> dict:
 
 
 def _phase_pipeline(args, gpu_decode: bool) -> dict:
-    from workers.labeling import LabelConfig, has_gpus, label
-
-    with _common.ray_cluster(num_cpus=args.cpus):
-        gpus = has_gpus()
-        out = tempfile.mkdtemp(prefix="gpu-label-", dir=args.scratch)
-        config = LabelConfig(
-            batch_size=args.batch_size,
-            torch_threads=args.threads,
-            rows_per_file=args.rows_per_file,
-            gpu_decode=gpu_decode,
-            gpus_per_actor=args.gpus_per_actor,
-        )
-        t1 = time.perf_counter()
-        result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
-        wall = time.perf_counter() - t1
-    entries = commit_times(out)
-    return {
-        "images": result.images,
-        "predicted": result.predicted,
-        "steady": steady_rate(entries),
-        "end_to_end": result.images / wall,
-        "label_seconds": wall,
-        "cluster_gpus": gpus,
-        "decoded_on": "gpu" if gpu_decode and gpus else "cpu",
-    }
+    result = phase_pipeline(args, gpu_decode=gpu_decode, gpus_per_actor=args.gpus_per_actor)
+    return {**result, "decoded_on": "gpu" if gpu_decode and result["cluster_gpus"] else "cpu"}
 
 
 def phase_cpu_decode_only(args) -> dict:
@@ -244,17 +220,8 @@ def main() -> None:
             "gpu_part": "measured" if cuda else "skipped: no CUDA device",
             "note": "ratios are each way's steady rate over the model's: what share of the GPU's rate it could feed",
             "config": {
-                "images": args.images,
-                "source": f"{args.source_size}x{args.source_size} JPEG (q90)",
-                "model": args.arch,
-                "input_size": args.input_size,
-                "classes": args.classes,
-                "batch_size": args.batch_size,
-                "torch_threads": args.threads,
-                "ray_cpus": args.cpus,
-                "rows_per_file": args.rows_per_file,
+                **_common.labeling_config(args),
                 "gpus_per_actor": args.gpus_per_actor,
-                "repeats": args.repeats,
                 "ways": ways,
             },
             "images_per_second_median": summary,

@@ -211,14 +211,18 @@ def phase_plain(args) -> dict:
     }
 
 
-def phase_pipeline(args) -> dict:
-    from workers.labeling import LabelConfig, label
+def phase_pipeline(args, **options) -> dict:
+    """``workers.labeling.label`` on a private local cluster; ``options`` are more ``LabelConfig`` fields."""
+    from workers.labeling import LabelConfig, has_gpus, label
 
     t0 = time.perf_counter()
     with _common.ray_cluster(num_cpus=args.cpus):
         cluster_seconds = time.perf_counter() - t0
+        gpus = has_gpus()
         out = tempfile.mkdtemp(prefix="pipeline-", dir=args.scratch)
-        config = LabelConfig(batch_size=args.batch_size, torch_threads=args.threads, rows_per_file=args.rows_per_file)
+        config = LabelConfig(
+            batch_size=args.batch_size, torch_threads=args.threads, rows_per_file=args.rows_per_file, **options
+        )
         t1, started = time.perf_counter(), time.time()
         with _common.TreeCPU() as cpu:
             result = label(args.manifest, args.teacher, out, config, teacher_id="bench")
@@ -234,6 +238,7 @@ def phase_pipeline(args) -> dict:
         # The job's start-up: from the call to its first committed file (the ledger entry's time).
         "first_commit_seconds": entries[0][0] - started if entries else None,
         "commits": len(entries),
+        "cluster_gpus": gpus,
         **cpu.report(args.cpus),
     }
 
@@ -297,17 +302,8 @@ def main() -> None:
             "benchmark": "labeling_throughput",
             "machine": machine,
             "config": {
-                "images": args.images,
-                "source": f"{args.source_size}x{args.source_size} JPEG (q90)",
-                "model": args.arch,
-                "input_size": args.input_size,
-                "classes": args.classes,
-                "batch_size": args.batch_size,
-                "torch_threads": args.threads,
+                **_common.labeling_config(args),
                 "plain_loader_workers": args.loader_workers,
-                "ray_cpus": args.cpus,
-                "rows_per_file": args.rows_per_file,
-                "repeats": args.repeats,
             },
             "images_per_second_median": summary,
             "ratios": ratios,
