@@ -188,3 +188,37 @@ def test_device_decoder_failure_falls_back_to_the_cpu_reason() -> None:
 def test_gpu_decoding_labels_as_the_cpu_path(tmp_path: Path) -> None:
     cpu, dev = _check_same_labels(tmp_path)
     assert labeling.TeacherPredictor(str(tmp_path / "model"), "t", 1, None).device.type == "cuda"
+
+
+def test_device_decode_blocks_travel_through_ray_data(tmp_path: Path, ray_cluster) -> None:
+    # The decode tasks' device-decoding blocks (bytes or pixels in one binary column, no pixels column) through
+    # Ray Data's tasks, blocks and a teacher actor, as labeling runs them; the device is this machine's CPU.
+    import ray
+
+    (tmp_path / "pool").mkdir()
+    paths = _corpus(tmp_path / "pool")
+    model_uri = _teacher(str(tmp_path / "model"), paths)
+    cpu, _ = _label(paths, model_uri, device_decode=False)
+
+    items = [{"image_id": i, "uri": p} for i, p in enumerate(paths)]
+    labeled = (
+        ray.data.from_items(items, override_num_blocks=4)
+        .map_batches(
+            labeling.read_and_decode,
+            batch_size=16,
+            batch_format="numpy",
+            fn_kwargs={"size": SIZE, "crop_pct": 0.875, "device_decode": True},
+        )
+        .map_batches(
+            labeling.TeacherPredictor,
+            fn_constructor_kwargs={"model_uri": model_uri, "teacher_id": "t", "top_k": 3, "torch_threads": 1},
+            batch_size=32,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.5,
+        )
+    )
+    rows = sorted(labeled.take_all(), key=lambda r: r["image_id"])
+    assert [r["image_id"] for r in rows] == list(range(len(paths)))
+    assert [r["reason"] for r in rows] == cpu.column("reason").to_pylist()
+    assert [r["label"] for r in rows] == cpu.column("label").to_pylist()
