@@ -110,6 +110,12 @@ class TrainConfig(ModelShape):
     checkpoint_every: int = Field(200, ge=1, le=100_000_000, description="steps between checkpoints")
     shuffle_buffer: int = Field(2048, ge=0, le=10_000_000, description="rows in each worker's local shuffle buffer")
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    deterministic: bool = Field(
+        False,
+        description="the same seed gives the same model (on the same hardware and worker count): the training "
+        "streams keep their order, so a slow decoding task holds back the ones after it. Off: the order in which "
+        "the data tasks finish, while the noise and the shuffle buffer stay seeded",
+    )
     decode: DecodeConfig = Field(
         default_factory=DecodeConfig,
         description="limits on one image (pixels, aspect ratio) and the background "

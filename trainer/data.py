@@ -41,11 +41,16 @@ def _expand(batch: pa.Table, *, times: int, seed: int) -> pa.Table:
     image's copies are spread over the pass instead of side by side."""
     n = batch.num_rows
     if n == 0:
-        return batch
+        return batch.append_column(noise_lib.NOISE_SEED, pa.array([], pa.int64()))
     copies = batch.column("copies").to_numpy() if "copies" in batch.column_names else np.ones(n, np.int64)
     rows = np.repeat(np.arange(n), copies)
     rng = np.random.default_rng([seed, sources.image_id(str(batch.column("uri")[0])) & (2**63 - 1)])
-    return batch.take(pa.array(np.concatenate([rng.permutation(rows) for _ in range(times)])))
+    order = np.concatenate([rng.permutation(rows) for _ in range(times)])
+    # Each row's noise is drawn from a seed of its own: the same seed, block and pass give the same noise,
+    # whatever process decodes the row and in whatever order.
+    return batch.take(pa.array(order)).append_column(
+        noise_lib.NOISE_SEED, pa.array(rng.integers(0, 2**63, len(order), dtype=np.int64))
+    )
 
 
 def _targets(batch: pa.Table, *, config: TrainConfig, num_classes: int) -> dict[str, np.ndarray]:
@@ -57,7 +62,10 @@ def _targets(batch: pa.Table, *, config: TrainConfig, num_classes: int) -> dict[
         target = noise_lib.soft_targets(classes, probs, num_classes, config.temperature)
     else:
         target = noise_lib.hard_targets(labels, num_classes, config.label_smoothing)
-    return {"uri": batch.column("uri").to_numpy(zero_copy_only=False), "label": labels, "target": target}
+    out = {"uri": batch.column("uri").to_numpy(zero_copy_only=False), "label": labels, "target": target}
+    if noise_lib.NOISE_SEED in batch.column_names:
+        out[noise_lib.NOISE_SEED] = batch.column(noise_lib.NOISE_SEED).to_numpy()
+    return out
 
 
 def _prepare(batch: pa.Table, *, config: TrainConfig, num_classes: int, noised: bool) -> dict[str, np.ndarray]:
@@ -190,7 +198,9 @@ def _prepare_group(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The rows of one container in one pass (copies included), read with one pass over it, in pieces of
     PREPARE_BATCH_SIZE rows."""
-    rows = _targets(_expand(group.drop_columns([_GROUP]), times=1, seed=0), config=config, num_classes=num_classes)
+    # Seeded by the group's key, which differs from pass to pass: each pass has its own order and noise.
+    key = int(group.column(_GROUP)[0].as_py()) & (2**63 - 1)
+    rows = _targets(_expand(group.drop_columns([_GROUP]), times=1, seed=key), config=config, num_classes=num_classes)
     yield from noise_lib.iter_pixels(
         rows,
         size=config.input_size,

@@ -117,6 +117,9 @@ def random_erase(img: Image.Image) -> Image.Image:
 # counts reach the model's metrics).
 SKIP = "skip"
 KEPT = -1
+# The column of a row's noise seed (trainer.data): Python's and NumPy's global generators are seeded with it
+# before the row is noised.
+NOISE_SEED = "noise_seed"
 _REASON_INDEX = {r: i for i, r in enumerate(imaging.REJECT_REASONS)}
 
 
@@ -167,8 +170,10 @@ def _decode(
     crop_pct: float,
     decode: imaging.DecodeConfig | None,
     augment: ImageNoise | None,
+    seed: int | None = None,
 ) -> tuple[np.ndarray | None, int]:
-    """(pixels, KEPT) or (None, the index of the reason it is skipped)."""
+    """(pixels, KEPT) or (None, the index of the reason it is skipped). With ``seed``, the noise is drawn from
+    Python's and NumPy's global generators seeded with it."""
     if isinstance(data, BaseException):
         reason = (
             data.reason
@@ -181,6 +186,9 @@ def _decode(
         return None, _REASON_INDEX[reason]
     try:
         resize = augment.resize if augment is not None else None
+        if augment is not None and seed is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)  # timm's RandAugment draws its ops from NumPy's global generator
         return imaging.decode_for_model(data, size, crop_pct, decode, transform=augment, resize=resize), KEPT
     except imaging.RejectedImage as e:  # the only exception it raises
         log.warning("skipping %s: %s", uri, e)
@@ -202,12 +210,14 @@ def load_pixels(
     uris = batch["uri"]
     pixels = np.zeros((len(uris), size, size, 3), np.uint8)
     skip = np.full(len(uris), KEPT, np.int8)
+    seeds = batch.get(NOISE_SEED)
     for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
         for i in rows:
-            px, skip[i] = _decode(str(uris[i]), data, size, crop_pct, decode, augment)
+            seed = None if seeds is None else int(seeds[i])
+            px, skip[i] = _decode(str(uris[i]), data, size, crop_pct, decode, augment, seed)
             if px is not None:
                 pixels[i] = px
-    out = {k: v for k, v in batch.items() if k != "uri"}
+    out = {k: v for k, v in batch.items() if k not in ("uri", NOISE_SEED)}
     out["pixels"], out[SKIP] = pixels, skip
     return out
 
@@ -232,13 +242,15 @@ def iter_pixels(
 
     def piece() -> dict[str, np.ndarray]:
         n = len(order)
-        out = {k: v[order] for k, v in batch.items() if k != "uri"}
+        out = {k: v[order] for k, v in batch.items() if k not in ("uri", NOISE_SEED)}
         out["pixels"], out[SKIP] = pixels[:n].copy(), skip[:n].copy()
         return out
 
+    seeds = batch.get(NOISE_SEED)
     for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
         for i in rows:
-            px, code = _decode(str(uris[i]), data, size, crop_pct, decode, augment)
+            seed = None if seeds is None else int(seeds[i])
+            px, code = _decode(str(uris[i]), data, size, crop_pct, decode, augment, seed)
             j = len(order)
             pixels[j] = 0 if px is None else px
             skip[j] = code

@@ -78,6 +78,9 @@ def _batches(config: TrainConfig, has_pseudo: bool, device: torch.device):
             batch_size=batch_size,
             drop_last=True,
             local_shuffle_buffer_size=config.shuffle_buffer or None,
+            local_shuffle_seed=config.seed + ray.train.get_context().get_world_rank()
+            if config.shuffle_buffer
+            else None,
             device=device,
         )
 
@@ -318,5 +321,16 @@ def _trainer(
         datasets=datasets,
         # One worker: each stream runs in the worker's own process. Split between workers, every stream would
         # start a split coordinator first (an actor: a new process, seconds of a small node's CPU each).
-        dataset_config=ray.train.DataConfig(datasets_to_split="all" if config.workers > 1 else []),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split="all" if config.workers > 1 else [], execution_options=_execution_options(config)
+        ),
     )
+
+
+def _execution_options(config: TrainConfig) -> dict[str, Any] | None:
+    """With ``config.deterministic``, the training streams keep their order (Ray Train's defaults otherwise)."""
+    if not config.deterministic:
+        return None
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return {"labeled": options, "pseudo": options}

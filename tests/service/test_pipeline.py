@@ -156,3 +156,15 @@ def test_a_student_smaller_than_its_teacher_is_refused_unless_allowed(tmp_path):
     pipeline.check_student_size(spec.model_copy(update={"allow_smaller_student": True}), teacher)
     larger = spec.model_copy(update={"student": small(10, architecture="resnet18")})
     pipeline.check_student_size(larger, teacher)
+
+
+def test_deterministic_training_gives_the_same_model_for_a_seed(ray_cluster, data, tmp_path):
+    # Noise and shuffle seeded, the training streams in order: two runs of one seed, weights bit for bit.
+    def weights(name: str, seed: int) -> bytes:
+        config = small(12, seed=seed, deterministic=True, robustness_images=0)
+        run = pipeline.train_teacher(config, labeled=data["labeled"], eval=data["test"], output=str(tmp_path / name))
+        return open(os.path.join(run.model_uri, models.WEIGHTS), "rb").read()
+
+    first = weights("a", 3)
+    assert weights("b", 3) == first
+    assert weights("c", 4) != first
