@@ -120,6 +120,8 @@ KEPT = -1
 # The column of a row's noise seed (trainer.data): Python's and NumPy's global generators are seeded with it
 # before the row is noised.
 NOISE_SEED = "noise_seed"
+# Input columns that a prepared batch does not carry on.
+_NOT_CARRIED = ("uri", NOISE_SEED)
 _REASON_INDEX = {r: i for i, r in enumerate(imaging.REJECT_REASONS)}
 
 
@@ -195,6 +197,24 @@ def _decode(
         return None, _REASON_INDEX[e.reason]
 
 
+def _decoded_rows(
+    batch: dict[str, np.ndarray],
+    size: int,
+    crop_pct: float,
+    noise: NoiseConfig | None,
+    mean,
+    decode: imaging.DecodeConfig | None,
+) -> Iterator[tuple[int, np.ndarray | None, int]]:
+    """(row, pixels or None, KEPT or the skip reason's index) of every row, in the order the images are read;
+    a row with a ``NOISE_SEED`` is noised from its seed."""
+    augment = ImageNoise(noise, mean) if noise is not None else None
+    uris, seeds = batch["uri"], batch.get(NOISE_SEED)
+    for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
+        for i in rows:
+            seed = None if seeds is None else int(seeds[i])
+            yield (i, *_decode(str(uris[i]), data, size, crop_pct, decode, augment, seed))
+
+
 def load_pixels(
     batch: dict[str, np.ndarray],
     *,
@@ -206,18 +226,14 @@ def load_pixels(
 ) -> dict[str, np.ndarray]:
     """Read, decode, resize and (with ``noise``) augment every row, in the batch's order; a row whose image
     cannot be used has zero pixels and its reason in ``SKIP``."""
-    augment = ImageNoise(noise, mean) if noise is not None else None
-    uris = batch["uri"]
-    pixels = np.zeros((len(uris), size, size, 3), np.uint8)
-    skip = np.full(len(uris), KEPT, np.int8)
-    seeds = batch.get(NOISE_SEED)
-    for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
-        for i in rows:
-            seed = None if seeds is None else int(seeds[i])
-            px, skip[i] = _decode(str(uris[i]), data, size, crop_pct, decode, augment, seed)
-            if px is not None:
-                pixels[i] = px
-    out = {k: v for k, v in batch.items() if k not in ("uri", NOISE_SEED)}
+    n = len(batch["uri"])
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    skip = np.full(n, KEPT, np.int8)
+    for i, px, code in _decoded_rows(batch, size, crop_pct, noise, mean, decode):
+        skip[i] = code
+        if px is not None:
+            pixels[i] = px
+    out = {k: v for k, v in batch.items() if k not in _NOT_CARRIED}
     out["pixels"], out[SKIP] = pixels, skip
     return out
 
@@ -234,30 +250,24 @@ def iter_pixels(
 ) -> Iterator[dict[str, np.ndarray]]:
     """``load_pixels`` in pieces of ``chunk_rows`` rows, in the order the images are read (a container's own
     order): memory holds one piece of pixels and one image's bytes, never a whole container."""
-    augment = ImageNoise(noise, mean) if noise is not None else None
-    uris = batch["uri"]
     order: list[int] = []
     pixels = np.zeros((chunk_rows, size, size, 3), np.uint8)
     skip = np.full(chunk_rows, KEPT, np.int8)
 
     def piece() -> dict[str, np.ndarray]:
         n = len(order)
-        out = {k: v[order] for k, v in batch.items() if k not in ("uri", NOISE_SEED)}
+        out = {k: v[order] for k, v in batch.items() if k not in _NOT_CARRIED}
         out["pixels"], out[SKIP] = pixels[:n].copy(), skip[:n].copy()
         return out
 
-    seeds = batch.get(NOISE_SEED)
-    for rows, data in _fetch(uris, (decode or imaging.DecodeConfig()).max_file_bytes):
-        for i in rows:
-            seed = None if seeds is None else int(seeds[i])
-            px, code = _decode(str(uris[i]), data, size, crop_pct, decode, augment, seed)
-            j = len(order)
-            pixels[j] = 0 if px is None else px
-            skip[j] = code
-            order.append(i)
-            if len(order) == chunk_rows:
-                yield piece()
-                order.clear()
+    for i, px, code in _decoded_rows(batch, size, crop_pct, noise, mean, decode):
+        j = len(order)
+        pixels[j] = 0 if px is None else px
+        skip[j] = code
+        order.append(i)
+        if len(order) == chunk_rows:
+            yield piece()
+            order.clear()
     if order:
         yield piece()
 
