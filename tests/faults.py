@@ -84,17 +84,21 @@ def committed(out: str) -> bool:
     return os.path.isdir(ledger) and any(n.endswith(".json") for n in os.listdir(ledger))
 
 
+def alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
 def node_of(actor: dict, nodes: list):
     return next(n for n in nodes if n.node_id == actor["Address"]["NodeID"])
 
 
 def inject(fault: dict, action) -> threading.Thread:
-    """Run ``action`` in a thread; record when it ran, or its error."""
+    """Run ``action`` in a thread; record when it ran (``at``, unless the action says), or its error."""
 
     def run():
         try:
             fault.update(action() or {})
-            fault["at"] = time.time()
+            fault.setdefault("at", time.time())
         except Exception as e:  # noqa: BLE001 - recorded, and the scenario's result says the fault never fired
             fault["error"] = f"{type(e).__name__}: {e}"
 
@@ -117,11 +121,13 @@ def label_job(workdir: str, images: int = IMAGES, fault_action=None) -> dict:
             fault["committed_at"] = time.time()
             return fault_action()
 
-        inject(fault, action)
+        thread = inject(fault, action)
     started = time.time()
     result = label(
         pool, model, out, LabelConfig(top_k=3, batch_size=8, shard_rows=20, rows_per_file=20, stall_timeout_s=120)
     )
+    if fault_action is not None:
+        thread.join(TIMEOUT_S)  # the fault may still be waiting for the GCS to notice what it did
     return {
         "labeling": result.model_dump(),
         "source_images": images,
@@ -157,9 +163,13 @@ def train_job(workdir: str, steps: int, fault_action=None, **config) -> dict:
     fault: dict = {}
     if fault_action is not None:
         checkpoints = os.path.join(output, "checkpoints", "teacher")
-        inject(fault, lambda: (wait_for(lambda: checkpoint_registered(checkpoints), "a checkpoint"), fault_action())[1])
+        thread = inject(
+            fault, lambda: (wait_for(lambda: checkpoint_registered(checkpoints), "a checkpoint"), fault_action())[1]
+        )
     started = time.time()
     result = pipeline.train_teacher(config, labeled=root, eval=root, output=output)
+    if fault_action is not None:
+        thread.join(TIMEOUT_S)
     return {"training": result.model_dump(), "fault": fault, "started": started, "finished": time.time()}
 
 
@@ -185,7 +195,11 @@ def main(scenario: str, workdir: str) -> None:
                 wait_for(lambda: actors(class_fragment), f"an actor {class_fragment}")
                 node = node_of(actors(class_fragment)[0], workers)
                 cluster.remove_node(node, allow_graceful=False)
-                return {"removed_node": node.node_id}
+                at = time.time()
+                # A job may finish before the GCS's health checks find the node dead (several seconds): the
+                # cluster's resources are read only once they have.
+                wait_for(lambda: not alive(node.node_id), "the GCS to mark the removed node dead")
+                return {"removed_node": node.node_id, "at": at, "dead_after_s": time.time() - at}
 
             return action
 
