@@ -112,9 +112,10 @@ class TrainConfig(ModelShape):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     deterministic: bool = Field(
         False,
-        description="the same seed gives the same model (on the same hardware and worker count): the training "
-        "streams keep their order, so a slow decoding task holds back the ones after it. Off: the order in which "
-        "the data tasks finish, while the noise and the shuffle buffer stay seeded",
+        description="the same seed and data gives the same model (on the same hardware and worker count; the data "
+        "at the same URIs, whose ids seed each pass's order): the training streams keep their order, so a slow "
+        "decoding task holds back the ones after it. Off: the order in which the data tasks finish, while the "
+        "noise and the shuffle buffer stay seeded",
     )
     decode: DecodeConfig = Field(
         default_factory=DecodeConfig,
