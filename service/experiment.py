@@ -13,6 +13,8 @@ For each seed (which also changes which digits are labeled, validation and pool)
                    (hard-labels when the students are on soft labels)
     no-balancing   generation 1 on every pseudo-label over the floor once, classes not balanced
     larger         generation 1 with a student wider than the chain's (``LARGER``)
+    true-labels    the ceiling of pseudo-labeling: the baseline's config on the labeled images and the pool with
+                   its true labels, as if the teacher made no mistake (the pool's truth is read by no other arm)
 
 The generation-1 variants (no-noise-1 among them) reuse generation 1's labels. Robustness (mCE, mFR) is relative
 to the supervised baseline of the same seed. Every setting of the demo was chosen on validation; test is reported.
@@ -29,8 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from curation import sources
 from curation.layout import Layout
 from service import demo, digits, pipeline
 from service.specs import GenerationSpec
@@ -40,10 +45,10 @@ from trainer.train import TrainResult
 from workers.curate import curate
 
 # The generation-1 variant with a student larger than the chain's: test_resnet's widths times three.
-LARGER = {"channels": [96, 144, 144, 288]}
+LARGER = {**demo.STUDENT_WIDTH, "channels": [96, 144, 144, 288]}
 NO_NOISE = NoiseConfig(randaugment_ops=0, randaugment_magnitude=0, randaugment_magnitude_std=0, dropout=0, drop_path=0)
 # Besides student-<g> and no-noise-<g>, one of each per generation.
-ARMS = ("teacher", "supervised", "soft-labels", "no-balancing", "larger")
+ARMS = ("teacher", "supervised", "soft-labels", "no-balancing", "larger", "true-labels")
 
 
 def labels_arm(student: TrainConfig) -> str:
@@ -146,13 +151,13 @@ def _seed(
     data = digits.write(os.path.join(out, "data"), seed=seed)
     arms = _Arms(out, seconds, lambda line: progress(f"seed {seed}: {line}"))
 
-    def fit(arm: str, config: TrainConfig) -> TrainResult:
+    def fit(arm: str, config: TrainConfig, labeled: str = data["labeled"]) -> TrainResult:
         if result := arms.finished(arm, config, after=()):
             return result
         arms.progress(f"{arm} ({config.architecture} {config.model_kwargs or ''}, {config.steps} steps)")
         t = time.time()
         result = pipeline.train_teacher(
-            config, labeled=data["labeled"], eval=data["test"], validation=data["validation"], output=arms.output(arm)
+            config, labeled=labeled, eval=data["test"], validation=data["validation"], output=arms.output(arm)
         )
         return arms.done(arm, result, t, config)
 
@@ -177,6 +182,7 @@ def _seed(
         model_uri, first, upstream = made.student.model_uri, first or made, f"student-{g}"
     assert first is not None
     fit("supervised", demo.supervised_config(student))
+    fit("true-labels", demo.supervised_config(student), labeled=true_labels(data))
 
     # Generation-1 variants: the same teacher and labels as student-1.
     gen1 = demo.generation_spec(data, teacher.model_uri, "", seed, student_config(seed + 1))
@@ -233,6 +239,26 @@ def _seed(
             )
         )
     return rows
+
+
+def true_labels(data: dict[str, str]) -> str:
+    """A Parquet manifest (uri, label) of the labeled split and the whole pool with its true labels, written
+    once beside the digits."""
+    path = os.path.join(os.path.dirname(data["unlabeled_truth"]), "true_labels.parquet")
+    if not os.path.exists(path):
+        labeled, names = sources.labeled_source(data["labeled"])
+        pool = sources.unlabeled_manifest(data["unlabeled"]).join(
+            pq.read_table(data["unlabeled_truth"]), "image_id", join_type="inner"
+        )
+        if pool.num_rows != len(sources.list_folder(data["unlabeled"])):
+            raise ValueError(f"{data['unlabeled_truth']} does not hold the label of every image in the pool")
+        uris = labeled.column("uri").to_pylist() + pool.column("uri").to_pylist()
+        labels = [names[i] for i in labeled.column("label").to_pylist()]
+        labels += [digits.CLASSES[i] for i in pool.column("label").to_pylist()]
+        table = pa.table({"uri": pa.array(uris, pa.string()), "label": pa.array(labels, pa.string())})
+        pq.write_table(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
 
 
 def table(rows: list[Arm]) -> list[dict[str, Any]]:

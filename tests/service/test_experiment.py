@@ -2,11 +2,13 @@
 on the same folder trains only what the first did not."""
 
 import json
+import os
 
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from service import demo, experiment
+from service import demo, digits, experiment
 from service.cli import app
 
 
@@ -38,6 +40,19 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     assert arms["larger"].parameters > arms["student-1"].parameters > arms["teacher"].parameters
     # the robustness suites ran on the 40 test images asked for
     assert supervised["metrics"]["robustness_images"] == 40
+    # the ceiling: the baseline's config on the labeled split and the pool, every image with its true label
+    ceiling = json.loads((seed_3 / "true-labels" / "model" / "model.json").read_text())
+    assert ceiling["config"] == supervised["config"]
+    truth = pq.read_table(seed_3 / "data" / "true_labels.parquet").to_pylist()
+    assert len(truth) == 100 + 3800
+    for row in truth:  # each image under the folder of its class, or in the pool with that label in the truth file
+        if "/labeled/" in row["uri"]:
+            assert row["uri"].split("/")[-2] == row["label"]
+    pool = {r["uri"]: r["label"] for r in truth if "/unlabeled/" in r["uri"]}
+    _, y = digits.load()
+    assert len(pool) == 3800 and all(
+        digits.CLASSES[y[int(os.path.basename(u)[:-4])]] == label for u, label in pool.items()
+    )
 
     # the no-noise chain: each student without noise, the second taught by the first
     assert json.loads((seed_3 / "no-noise-2" / "generation.json").read_text())["teacher_uri"] == str(
