@@ -33,6 +33,10 @@ from workers.config import LabelConfig
 # Digits are 28 px grey strokes on black: 32 px inputs, normalised with the digits' own statistics.
 _IMAGE = dict(input_size=32, mean=(0.13, 0.13, 0.13), std=(0.31, 0.31, 0.31))
 ARCHITECTURE = "test_resnet"  # timm's 0.37M-parameter ResNet: fast enough for 2 CPU cores
+# Its stem and stages would take a 32 px digit down to 1x1 (stride 32); an output stride of 8 (dilated convolutions
+# in the last two stages) keeps 4x4 maps for a quarter more compute. Chosen on validation at generation 1 over
+# seeds 0-2, for every model: the student gave 98.7% (98, 98, 100) against 97.3% (98, 98, 96) at stride 32.
+SHAPE = {"output_stride": 8}
 # Test images the corruption and perturbation suites run on: 96 forward passes each, 20 s a model on 2 cores.
 ROBUSTNESS_IMAGES = 500
 # Geometric ops fill with black, the digits' background.
@@ -49,13 +53,14 @@ NOISE = NoiseConfig(
 # and 95.7% with none (validation holds 100 images).
 STUDENT_NOISE = NOISE.model_copy(update={"crop_scale": 0.5, "erase_prob": 0.25, "dropout": 0.5})
 # The students' widths: test_resnet's (32, 48, 48, 96) times two, 1.45M parameters against the teacher's 0.37M.
-STUDENT_WIDTH = {"channels": [64, 96, 96, 192]}
+STUDENT_WIDTH = {"channels": [64, 96, 96, 192], **SHAPE}
 
 
 def teacher_config(seed: int, steps: int = 400, robustness_images: int = ROBUSTNESS_IMAGES) -> TrainConfig:
     # Labeled images only: the whole batch is labeled.
     return TrainConfig(
         architecture=ARCHITECTURE,
+        model_kwargs=SHAPE,
         steps=steps,
         batch_size=64,
         unlabeled_ratio=0,
