@@ -247,10 +247,9 @@ def true_labels(data: dict[str, str]) -> str:
     path = os.path.join(os.path.dirname(data["unlabeled_truth"]), "true_labels.parquet")
     if not os.path.exists(path):
         labeled, names = sources.labeled_source(data["labeled"])
-        pool = sources.unlabeled_manifest(data["unlabeled"]).join(
-            pq.read_table(data["unlabeled_truth"]), "image_id", join_type="inner"
-        )
-        if pool.num_rows != len(sources.list_folder(data["unlabeled"])):
+        listed = sources.unlabeled_manifest(data["unlabeled"])
+        pool = listed.join(pq.read_table(data["unlabeled_truth"]), "image_id", join_type="inner")
+        if pool.num_rows != listed.num_rows:
             raise ValueError(f"{data['unlabeled_truth']} does not hold the label of every image in the pool")
         uris = labeled.column("uri").to_pylist() + pool.column("uri").to_pylist()
         labels = [names[i] for i in labeled.column("label").to_pylist()]
