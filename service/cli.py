@@ -122,14 +122,14 @@ def experiment(
     lines = experiment_lib.table(rows)
     (out / "table.json").write_text(json.dumps(lines, indent=2))
     table = Table(title=f"Noisy Student on MNIST digits, 100 labels, seeds {', '.join(map(str, seeds))}")
-    for col in ("arm", "params", "steps", "val acc", "test acc", "test - supervised", "mCE", "mFR"):
+    for col in ("arm", "params", "steps", "val acc", "val loss", "test acc", "test - supervised", "mCE", "mFR"):
         table.add_column(col, justify="left" if col == "arm" else "right")
 
-    def cell(line: dict[str, Any], name: str, scale: float = 100.0, signed: bool = False) -> str:
+    def cell(line: dict[str, Any], name: str, scale: float = 100.0, signed: bool = False, places: int = 2) -> str:
         if line[name] is None:
             return "-"
         mean, sd = line[name] * scale, line[f"{name}_sd"] * scale
-        return f"{mean:+.2f} ± {sd:.2f}" if signed else f"{mean:.2f} ± {sd:.2f}"
+        return f"{mean:+.{places}f} ± {sd:.{places}f}" if signed else f"{mean:.{places}f} ± {sd:.{places}f}"
 
     for line in lines:
         table.add_row(
@@ -137,6 +137,7 @@ def experiment(
             f"{line['parameters']:,}",
             str(line["steps"]),
             cell(line, "validation_accuracy"),
+            cell(line, "validation_loss", 1.0, places=3),
             cell(line, "test_accuracy"),
             cell(line, "gain_over_supervised", signed=True),
             cell(line, "mce", 1.0),

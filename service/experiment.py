@@ -62,6 +62,7 @@ class Arm(BaseModel):
     parameters: int
     steps: int
     validation_accuracy: float
+    validation_loss: float | None = None  # mean cross-entropy on validation (models trained before it was kept: none)
     test_accuracy: float
     mce: float | None
     mfr: float | None
@@ -231,6 +232,7 @@ def _seed(
                 parameters=result.parameters,
                 steps=arm_steps,
                 validation_accuracy=m["validation_accuracy"],
+                validation_loss=m.get("validation_loss"),
                 test_accuracy=m["test_accuracy"],
                 mce=relative.get("mce"),
                 mfr=relative.get("mfr"),
@@ -281,6 +283,7 @@ def table(rows: list[Arm]) -> list[dict[str, Any]]:
                 "parameters": got[0].parameters,
                 "steps": got[0].steps,
                 **_stats("validation_accuracy", [r.validation_accuracy for r in got]),
+                **_stats("validation_loss", [r.validation_loss for r in got if r.validation_loss is not None]),
                 **_stats("test_accuracy", [r.test_accuracy for r in got]),
                 **_stats("gain_over_supervised", gain),
                 **_stats("mce", [r.mce for r in got if r.mce is not None]),

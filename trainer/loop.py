@@ -19,6 +19,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -253,13 +254,14 @@ def _evaluate(
     skipped_prefix: str,
     suites: Sequence[tuple[robustness.Suite, Predict]] = (),
 ) -> dict[str, float]:
-    """``<prefix>_accuracy`` and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped.
+    """``<prefix>_accuracy``, ``<prefix>_loss`` (mean cross-entropy in nats: finer than accuracy on a small split)
+    and ``<prefix>_images`` of ``model`` on a held-out split, with the images skipped.
     Each of ``suites`` runs on the same images with its predictor; the first one's corruption errors and flip
     rates are the model's (all of them are reduced over the workers)."""
     model.eval()
-    predict = models.predictor(model, meta)
+    score = models.scorer(model, meta)
 
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct, total, summed cross-entropy
     skipped = torch.zeros(len(imaging.REJECT_REASONS), dtype=torch.int64)
     for batch in batches:
         beat("evaluating")
@@ -267,15 +269,17 @@ def _evaluate(
         if not bool(ok.any()):
             continue  # no collective call in this loop: ranks may skip different batches
         pixels, labels = batch["pixels"][ok], batch["label"][ok]
-        pred = predict(pixels)
-        counts[0] += (pred == labels).sum()
-        counts[1] += len(pred)
+        logits = score(pixels)
+        counts[0] += (logits.argmax(dim=1) == labels).sum()
+        counts[1] += len(labels)
+        counts[2] += F.cross_entropy(logits.float(), labels, reduction="sum")
         for suite, suite_predict in suites:
             suite.update(suite_predict, pixels, labels)
     if world > 1:
         dist.all_reduce(counts)
     out = {
         f"{prefix}_accuracy": float(counts[0]) / max(float(counts[1]), 1.0),
+        f"{prefix}_loss": float(counts[2]) / max(float(counts[1]), 1.0),
         f"{prefix}_images": float(counts[1]),
         **_skip_metrics(skipped, world, device, prefix=skipped_prefix),
     }

@@ -69,17 +69,23 @@ def normalize(pixels: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
 
 
-def predictor(model: torch.nn.Module, meta: ModelMeta) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The top-1 class of uint8 NHWC pixels under ``model``, resized first to its input size if they are not."""
+def scorer(model: torch.nn.Module, meta: ModelMeta) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logits of uint8 NHWC pixels under ``model``, resized first to its input size if they are not."""
 
-    def predict(pixels: torch.Tensor) -> torch.Tensor:
+    def score(pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[1:3] != (meta.input_size, meta.input_size):
             x = pixels.permute(0, 3, 1, 2).float()
             x = F.interpolate(x, size=(meta.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
             pixels = x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        return model(normalize(pixels, meta)).argmax(dim=1)
+        return model(normalize(pixels, meta))
 
-    return predict
+    return score
+
+
+def predictor(model: torch.nn.Module, meta: ModelMeta) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The top-1 class of uint8 NHWC pixels under ``model`` (``scorer``'s argmax)."""
+    score = scorer(model, meta)
+    return lambda pixels: score(pixels).argmax(dim=1)
 
 
 def describe(meta: ModelMeta) -> str:

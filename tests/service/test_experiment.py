@@ -26,6 +26,7 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     assert set(arms) == {"student-1", "student-2", "no-noise-1", "no-noise-2", *experiment.ARMS}
     assert "reusing" not in output
     assert all(r.seed == 3 and 0.0 <= r.test_accuracy <= 1.0 and 0.0 <= r.validation_accuracy <= 1.0 for r in rows)
+    assert all(r.validation_loss is not None and r.validation_loss > 0 for r in rows)
     # robustness is relative to the supervised baseline: 100 for itself, a ratio for the others
     assert arms["supervised"].mce == pytest.approx(100.0) and arms["supervised"].mfr == pytest.approx(100.0)
     assert all(r.mce is not None and r.mce > 0 for r in rows)

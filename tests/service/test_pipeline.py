@@ -84,7 +84,7 @@ def test_generation_end_to_end_and_student_becomes_teacher(ray_cluster, data, tm
     assert result.labeling.predicted == 4650 and result.labeling.rejected == {}
     assert result.dataset.images_seen == 4650 and result.dataset.manifest_rows > 0
     assert result.student.metrics["test_images"] == 200 and result.student.metrics["validation_images"] == 100
-    assert 0.0 <= result.student.metrics["validation_accuracy"] <= 1.0
+    assert 0.0 <= result.student.metrics["validation_accuracy"] <= 1.0 and result.student.metrics["validation_loss"] > 0
     assert set(result.timings) == {"labeling", "curation", "student"}
     record = json.loads((tmp_path / "g1" / "generation.json").read_text())
     assert record["student"]["model_uri"] == str(tmp_path / "g1" / "model")

@@ -4,11 +4,13 @@ model's metrics."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from curation import imaging
 from service import pipeline
 from tests import helpers
+from tests.helpers import untrained_model
 from trainer import loop, models, noise
 from trainer.config import TrainConfig
 
@@ -73,6 +75,29 @@ def test_usable_leaves_out_skipped_rows_and_counts_them():
     pixels, target = loop._usable((part([2, 2]),), counts)
     assert len(pixels) == 2 and not target.any()
     assert counts.sum() == 4
+
+
+def test_held_out_evaluation_gives_accuracy_and_cross_entropy_of_the_usable_rows(tmp_path):
+    untrained_model(str(tmp_path / "m"))
+    model, meta = models.load(str(tmp_path / "m"))
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "pixels": torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8),
+            "label": torch.randint(0, 10, (n,), generator=g),
+            noise.SKIP: torch.tensor(skip, dtype=torch.int8),
+        }
+        for n, skip in ((5, [-1, -1, 3, -1, -1]), (3, [-1, -1, -1]))
+    ]
+    out = loop._evaluate(model, meta, torch.device("cpu"), 1, batches, lambda what: None, "validation", "skipped")
+    ok = [b[noise.SKIP] < 0 for b in batches]
+    with torch.no_grad():
+        logits = torch.cat([models.scorer(model, meta)(b["pixels"][k]) for b, k in zip(batches, ok)])
+    labels = torch.cat([b["label"][k] for b, k in zip(batches, ok)])
+    assert out["validation_images"] == 7 and out["skipped_corrupt"] == 1
+    assert out["validation_accuracy"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert out["validation_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert out["validation_loss"] > 0
 
 
 def test_training_skips_bad_images_and_records_them_in_the_model(ray_cluster, tmp_path):
