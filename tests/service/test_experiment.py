@@ -44,6 +44,9 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     # the ceiling: the baseline's config on the labeled split and the pool, every image with its true label
     ceiling = json.loads((seed_3 / "true-labels" / "model" / "model.json").read_text())
     assert ceiling["config"] == supervised["config"]
+    # the baseline's second draw: its config but the next training seed
+    redraw = json.loads((seed_3 / "supervised-redraw" / "model" / "model.json").read_text())
+    assert redraw["config"] == {**supervised["config"], "seed": 3 + 2 + 1}
     truth = pq.read_table(seed_3 / "data" / "true_labels.parquet").to_pylist()
     assert len(truth) == 100 + 3800
     for row in truth:  # each image under the folder of its class, or in the pool with that label in the truth file
@@ -64,10 +67,13 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
         assert noise["dropout"] == noise["drop_path"] == noise["erase_prob"] == noise["randaugment_ops"] == 0
 
     lines = {line["arm"]: line for line in json.loads((tmp_path / "table.json").read_text())}
-    assert lines["student-2"]["gain_over_supervised"] == pytest.approx(
-        arms["student-2"].test_accuracy - arms["supervised"].test_accuracy
+    # gains are over the mean of the baseline's two draws
+    baseline = (arms["supervised"].test_accuracy + arms["supervised-redraw"].test_accuracy) / 2
+    assert lines["student-2"]["gain_over_supervised"] == pytest.approx(arms["student-2"].test_accuracy - baseline)
+    assert lines["supervised"]["gain_over_supervised"] == pytest.approx(
+        -lines["supervised-redraw"]["gain_over_supervised"]
     )
-    assert lines["supervised"]["gain_over_supervised"] == 0.0 and lines["teacher"]["seeds"] == 1
+    assert lines["teacher"]["seeds"] == 1
     assert "test - supervised" in output and "no-noise-2" in output
 
     # Run again: every arm is read back, none trained, and the table is the same.
@@ -88,3 +94,22 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
     assert seed_arms.finished("no-noise-2", quiet, after=("no-noise-1",)) is None
     assert not (seed_3 / "no-noise-2").exists() and (seed_3 / "no-noise-1" / "model").exists()
     assert [line.split(":")[0] for line in said] == ["student-2", "no-noise-2"]
+
+
+def test_table_gains_are_over_the_mean_of_the_baseline_draws():
+    def arm(seed, name, test):
+        return experiment.Arm(
+            seed=seed, arm=name, parameters=1, steps=1, validation_accuracy=0.9, test_accuracy=test,
+            mce=None, mfr=None, flip_rate=None, seconds=1.0,
+        )  # fmt: skip
+
+    rows = [
+        arm(0, "student-1", 0.97), arm(0, "supervised", 0.94), arm(0, "supervised-redraw", 0.96),
+        arm(1, "student-1", 0.98), arm(1, "supervised", 0.95), arm(1, "supervised-redraw", 0.95),
+    ]  # fmt: skip
+    lines = {line["arm"]: line for line in experiment.table(rows)}
+    assert lines["student-1"]["gain_over_supervised"] == pytest.approx(0.025)  # (0.02 + 0.03) / 2
+    assert lines["student-1"]["gain_over_supervised_sd"] == pytest.approx(0.00707107, rel=1e-4)
+    assert lines["supervised"]["gain_over_supervised"] == pytest.approx(-0.005)
+    assert lines["supervised-redraw"]["gain_over_supervised"] == pytest.approx(0.005)
+    assert lines["student-1"]["test_accuracy"] == pytest.approx(0.975) and lines["student-1"]["seeds"] == 2
