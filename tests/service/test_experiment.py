@@ -74,7 +74,7 @@ def test_experiment_runs_every_arm_and_tables_them(ray_cluster, tmp_path):
         -lines["supervised-redraw"]["gain_over_supervised"]
     )
     assert lines["teacher"]["seeds"] == 1
-    assert "test - supervised" in output and "no-noise-2" in output
+    assert "supervised-redraw" in output and "no-noise-2" in output
 
     # Run again: every arm is read back, none trained, and the table is the same.
     output, again = run(tmp_path, generations=2)
