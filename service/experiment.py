@@ -186,10 +186,10 @@ def _seed(
         made = generation(f"student-{g}", upstream, model_uri, student)
         model_uri, first, upstream = made.student.model_uri, first or made, f"student-{g}"
     assert first is not None
-    baseline = demo.supervised_config(student)
-    fit("supervised", baseline)
-    fit("supervised-redraw", baseline.model_copy(update={"seed": baseline.seed + 1}))
-    fit("true-labels", baseline, labeled=true_labels(data))
+    matched = demo.supervised_config(student)
+    fit("supervised", matched)
+    fit("supervised-redraw", matched.model_copy(update={"seed": matched.seed + 1}))
+    fit("true-labels", matched, labeled=true_labels(data))
 
     # Generation-1 variants: the same teacher and labels as student-1.
     gen1 = demo.generation_spec(data, teacher.model_uri, "", seed, student_config(seed + 1))
