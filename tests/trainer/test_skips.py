@@ -10,7 +10,6 @@ import torch
 from curation import imaging
 from service import pipeline
 from tests import helpers
-from tests.helpers import untrained_model
 from trainer import loop, models, noise
 from trainer.config import TrainConfig
 
@@ -78,7 +77,7 @@ def test_usable_leaves_out_skipped_rows_and_counts_them():
 
 
 def test_held_out_evaluation_gives_accuracy_and_cross_entropy_of_the_usable_rows(tmp_path):
-    untrained_model(str(tmp_path / "m"))
+    helpers.untrained_model(str(tmp_path / "m"))
     model, meta = models.load(str(tmp_path / "m"))
     g = torch.Generator().manual_seed(0)
     batches = [
